@@ -1,0 +1,393 @@
+"""The wire contract between gateways and the cloud: topic tree and envelopes.
+
+Both ``gateway`` and ``cloud`` import this module and nothing else defines topics
+or payload layouts. ``docs/wire-contract.md`` describes the same thing for people
+writing their own producers or consumers; keep the two in step.
+
+Topic tree (``site``, ``gateway`` and ``device`` are single topic levels)::
+
+    fl/{site}/{gateway}/status                    retained gateway state (JSON), also the last will
+    fl/{site}/{gateway}/health                    gateway counters (JSON), periodic
+    fl/{site}/{gateway}/batch                     batch envelope: many records of this gateway
+    fl/{site}/{gateway}/dev/{device}/telemetry    record envelope: one poll of one device
+    fl/{site}/{gateway}/dev/{device}/status       retained device state (JSON)
+    fl/{site}/{gateway}/dev/{device}/cmd          commands to the device (JSON)
+    fl/{site}/{gateway}/dev/{device}/cmd/result   command results (JSON)
+
+Envelopes are msgpack maps by default, JSON objects optionally; a decoder tells them
+apart by the first byte (``{`` is JSON, a msgpack map never starts with it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+import msgpack
+
+__all__ = [
+    "BATCH_FILTER",
+    "PROTOCOL_VERSION",
+    "TELEMETRY_FILTER",
+    "Encoding",
+    "Quality",
+    "Record",
+    "Topic",
+    "TopicKind",
+    "Value",
+    "WireError",
+    "check_topic_level",
+    "decode",
+    "decode_state",
+    "encode_batch",
+    "encode_record",
+    "encode_state",
+    "topic",
+]
+
+PROTOCOL_VERSION: Final = 1
+ROOT: Final = "fl"
+
+TELEMETRY_FILTER: Final = f"{ROOT}/+/+/dev/+/telemetry"
+BATCH_FILTER: Final = f"{ROOT}/+/+/batch"
+GATEWAY_STATUS_FILTER: Final = f"{ROOT}/+/+/status"
+DEVICE_STATUS_FILTER: Final = f"{ROOT}/+/+/dev/+/status"
+
+_U64_MAX: Final = 2**64 - 1
+_I64_MIN: Final = -(2**63)
+
+
+class WireError(ValueError):
+    """A payload or topic does not follow the contract; the message says how."""
+
+
+class Encoding(StrEnum):
+    MSGPACK = "msgpack"
+    JSON = "json"
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    BAD = "bad"  # the device answered with an error, or the value could not be decoded
+    UNCERTAIN = "uncertain"
+
+
+class ValueType(StrEnum):
+    BOOL = "bool"
+    INT = "int"
+    FLOAT = "float"
+    STRING = "str"
+
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """One typed measurement. ``value`` is None only when ``quality`` is not good."""
+
+    value: Scalar | None
+    unit: str | None = None
+    quality: Quality = Quality.GOOD
+    type: ValueType = field(default=ValueType.FLOAT)
+
+    @classmethod
+    def of(cls, value: Scalar, unit: str | None = None) -> Value:
+        """A good value whose wire type follows its Python type."""
+        return cls(value, unit, Quality.GOOD, _type_of(value))
+
+
+def _type_of(value: Scalar) -> ValueType:
+    # bool before int: bool is a subclass of int in Python.
+    if isinstance(value, bool):
+        return ValueType.BOOL
+    if isinstance(value, int):
+        return ValueType.INT
+    if isinstance(value, float):
+        return ValueType.FLOAT
+    if isinstance(value, str):
+        return ValueType.STRING
+    raise WireError(f"unsupported value type {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One reading of one device: what a single poll produced, stamped for delivery.
+
+    ``(gateway, device, seq)`` identifies a record for deduplication; ``seq`` grows by
+    one per record of a device and survives gateway restarts. ``ts`` is milliseconds
+    since the Unix epoch (UTC), taken when the device was read.
+    """
+
+    site: str
+    gateway: str
+    device: str
+    seq: int
+    ts: int
+    values: Mapping[str, Value]
+
+
+# --- topics -----------------------------------------------------------------------------
+
+
+class TopicKind(StrEnum):
+    GATEWAY_STATUS = "status"
+    GATEWAY_HEALTH = "health"
+    BATCH = "batch"
+    TELEMETRY = "telemetry"
+    DEVICE_STATUS = "device_status"
+    COMMAND = "cmd"
+    COMMAND_RESULT = "cmd_result"
+
+
+_GATEWAY_LEVEL = {
+    "status": TopicKind.GATEWAY_STATUS,
+    "health": TopicKind.GATEWAY_HEALTH,
+    "batch": TopicKind.BATCH,
+}
+_DEVICE_LEVEL = {
+    "telemetry": TopicKind.TELEMETRY,
+    "status": TopicKind.DEVICE_STATUS,
+    "cmd": TopicKind.COMMAND,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    kind: TopicKind
+    site: str
+    gateway: str
+    device: str | None = None
+
+    def __str__(self) -> str:
+        base = f"{ROOT}/{self.site}/{self.gateway}"
+        if self.device is None:
+            return f"{base}/{self.kind.value}"
+        suffix = {
+            TopicKind.TELEMETRY: "telemetry",
+            TopicKind.DEVICE_STATUS: "status",
+            TopicKind.COMMAND: "cmd",
+            TopicKind.COMMAND_RESULT: "cmd/result",
+        }[self.kind]
+        return f"{base}/dev/{self.device}/{suffix}"
+
+    @classmethod
+    def parse(cls, name: str) -> Topic:
+        """The parts of a topic name of the tree, or WireError."""
+        parts = name.split("/")
+        if len(parts) < 4 or parts[0] != ROOT:
+            raise WireError(f"topic {name!r} is not under {ROOT}/<site>/<gateway>/")
+        site, gateway = parts[1], parts[2]
+        if len(parts) == 4 and parts[3] in _GATEWAY_LEVEL:
+            return cls(_GATEWAY_LEVEL[parts[3]], site, gateway)
+        if len(parts) >= 6 and parts[3] == "dev":
+            device, rest = parts[4], "/".join(parts[5:])
+            if rest in _DEVICE_LEVEL:
+                return cls(_DEVICE_LEVEL[rest], site, gateway, device)
+            if rest == "cmd/result":
+                return cls(TopicKind.COMMAND_RESULT, site, gateway, device)
+        raise WireError(f"topic {name!r} is not part of the fieldlink topic tree")
+
+
+def topic(kind: TopicKind, site: str, gateway: str, device: str | None = None) -> str:
+    return str(Topic(kind, site, gateway, device))
+
+
+def check_topic_level(name: str) -> str:
+    """Names used as topic levels (site, gateway, device) must be usable as one level."""
+    if not name:
+        raise ValueError("must not be empty")
+    bad = [c for c in ("/", "+", "#", "\x00") if c in name]
+    if bad:
+        raise ValueError(f"must not contain {' '.join(repr(c) for c in bad)}, got {name!r}")
+    if name.startswith("$"):
+        raise ValueError(f"must not start with '$', got {name!r}")
+    return name
+
+
+# --- envelopes --------------------------------------------------------------------------
+#
+# record: {"ver": 1, "kind": "record", "site", "gw", "dev", "seq", "ts", "vals": {...}}
+# batch:  {"ver": 1, "kind": "batch", "site", "gw", "recs": [{"dev", "seq", "ts", "vals"}, ...]}
+# value:  {"t": "float"|"int"|"bool"|"str", "v": <value or null>, "u": unit?, "q": quality?}
+
+
+def _value_to_wire(value: Value, for_json: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"t": value.type.value, "v": value.value}
+    if for_json and isinstance(value.value, float) and not math.isfinite(value.value):
+        # JSON has no NaN or Infinity; the type tag tells the decoder to read it back.
+        entry["v"] = repr(value.value)
+    if value.unit:
+        entry["u"] = value.unit
+    if value.quality is not Quality.GOOD:
+        entry["q"] = value.quality.value
+    return entry
+
+
+def _record_body(record: Record, for_json: bool) -> dict[str, Any]:
+    return {
+        "dev": record.device,
+        "seq": record.seq,
+        "ts": record.ts,
+        "vals": {name: _value_to_wire(v, for_json) for name, v in record.values.items()},
+    }
+
+
+def _pack(envelope: dict[str, Any], encoding: Encoding) -> bytes:
+    if encoding is Encoding.JSON:
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return msgpack.packb(envelope, use_bin_type=True)
+
+
+def encode_record(record: Record, encoding: Encoding = Encoding.MSGPACK) -> bytes:
+    envelope = {"ver": PROTOCOL_VERSION, "kind": "record", "site": record.site, "gw": record.gateway}
+    envelope.update(_record_body(record, encoding is Encoding.JSON))
+    return _pack(envelope, encoding)
+
+
+def encode_batch(site: str, gateway: str, records: Iterable[Record], encoding: Encoding = Encoding.MSGPACK) -> bytes:
+    """Many records of one gateway in one message. Every record must belong to ``gateway``."""
+    bodies = []
+    for record in records:
+        if record.gateway != gateway or record.site != site:
+            raise WireError(f"record of {record.site}/{record.gateway} in a batch of {site}/{gateway}")
+        bodies.append(_record_body(record, encoding is Encoding.JSON))
+    envelope = {"ver": PROTOCOL_VERSION, "kind": "batch", "site": site, "gw": gateway, "recs": bodies}
+    return _pack(envelope, encoding)
+
+
+def _unpack(payload: bytes) -> Any:
+    if not payload:
+        raise WireError("empty payload")
+    try:
+        if payload[:1] == b"{":
+            return json.loads(payload)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
+        raise WireError(f"undecodable payload: {exc}") from None
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise WireError(f"{where}: missing {key!r}")
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _name(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = _field(obj, key, str, where)
+    try:
+        return check_topic_level(value)
+    except ValueError as exc:
+        raise WireError(f"{where}: {key!r} {exc}") from None
+
+
+def _value_from_wire(raw: Any, where: str) -> Value:
+    if not isinstance(raw, Mapping):
+        raise WireError(f"{where}: value entry is not a map")
+    try:
+        kind = ValueType(_field(raw, "t", str, where))
+    except ValueError:
+        raise WireError(f"{where}: unknown value type {raw['t']!r}") from None
+    quality_raw = raw.get("q", Quality.GOOD.value)
+    try:
+        quality = Quality(quality_raw)
+    except ValueError:
+        raise WireError(f"{where}: unknown quality {quality_raw!r}") from None
+    unit = raw.get("u")
+    if unit is not None and not isinstance(unit, str):
+        raise WireError(f"{where}: unit is not a string")
+    value = raw.get("v")
+    if value is None:
+        if quality is Quality.GOOD:
+            raise WireError(f"{where}: a good value must not be null")
+        return Value(None, unit, quality, kind)
+    return Value(_typed(kind, value, where), unit, quality, kind)
+
+
+def _typed(kind: ValueType, value: Any, where: str) -> Scalar:
+    if kind is ValueType.BOOL and isinstance(value, bool):
+        return value
+    if kind is ValueType.INT and isinstance(value, int) and not isinstance(value, bool):
+        if not _I64_MIN <= value <= _U64_MAX:
+            raise WireError(f"{where}: integer out of 64-bit range")
+        return value
+    if kind is ValueType.FLOAT:
+        if isinstance(value, float):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if value in ("nan", "inf", "-inf"):
+            return float(value)
+    if kind is ValueType.STRING and isinstance(value, str):
+        return value
+    raise WireError(f"{where}: value {value!r} is not of type {kind.value}")
+
+
+def _record_from_wire(body: Any, site: str, gateway: str, where: str) -> Record:
+    if not isinstance(body, Mapping):
+        raise WireError(f"{where}: record is not a map")
+    seq = _field(body, "seq", int, where)
+    if not 0 <= seq <= _U64_MAX:
+        raise WireError(f"{where}: seq out of range")
+    vals = _field(body, "vals", Mapping, where)
+    values = {}
+    for name, raw in vals.items():
+        if not isinstance(name, str) or not name:
+            raise WireError(f"{where}: value names must be non-empty strings")
+        values[name] = _value_from_wire(raw, f"{where}.vals.{name}")
+    return Record(
+        site=site,
+        gateway=gateway,
+        device=_name(body, "dev", where),
+        seq=seq,
+        ts=_field(body, "ts", int, where),
+        values=values,
+    )
+
+
+def decode(payload: bytes) -> list[Record]:
+    """Records from a record or batch envelope in either encoding; WireError says what is wrong."""
+    envelope = _unpack(payload)
+    if not isinstance(envelope, Mapping):
+        raise WireError("envelope is not a map")
+    version = envelope.get("ver")
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"unsupported envelope version {version!r} (this side speaks {PROTOCOL_VERSION})")
+    site = _name(envelope, "site", "envelope")
+    gateway = _name(envelope, "gw", "envelope")
+    kind = envelope.get("kind")
+    if kind == "record":
+        return [_record_from_wire(envelope, site, gateway, "record")]
+    if kind == "batch":
+        bodies = _field(envelope, "recs", list, "batch")
+        return [_record_from_wire(b, site, gateway, f"batch.recs[{i}]") for i, b in enumerate(bodies)]
+    raise WireError(f"unknown envelope kind {kind!r}")
+
+
+# --- state payloads (status topics) -----------------------------------------------------
+# Always JSON: they are retained and read by people, dashboards and shell tools.
+
+
+def encode_state(state: str, ts: int, reason: str | None = None, **extra: Any) -> bytes:
+    body: dict[str, Any] = {"state": state, "ts": ts}
+    if reason:
+        body["reason"] = reason
+    body.update(extra)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_state(payload: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise WireError(f"state payload is not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("state"), str):
+        raise WireError("state payload has no 'state'")
+    return body
