@@ -1,0 +1,202 @@
+"""Wires the gateway together: sources -> buffer -> (local broker, uplink).
+
+Data path, top-down:
+
+1. Sources poll devices and hand each poll to :meth:`GatewayApp.submit_reading`.
+2. The reading gets its sequence number and is committed to the store-and-forward
+   buffer; only then is it published on the local broker for local subscribers.
+3. The uplink forwards the buffer to the cloud broker and deletes after PUBACK.
+
+Local applications may publish record envelopes on this gateway's telemetry topics;
+the local broker's tap hands them to the same buffer (re-sequenced by us).
+
+Shutdown is two-phase: stop taking input, drain the buffer with a deadline, then
+close; whatever did not drain stays in the buffer for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from fieldlink.embedded_broker import EmbeddedBroker
+from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
+from fieldlink.wire import Topic, TopicKind, WireError, decode, encode_state, topic
+from gateway.buffer import StoreAndForwardBuffer
+from gateway.config import GatewayConfig
+from gateway.sources.base import DeviceState, Reading
+from gateway.sources.registry import build_source
+from gateway.uplink import Uplink
+
+__all__ = ["GatewayApp"]
+
+log = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class GatewayApp:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.site, self.gateway_id = config.gateway.site, config.gateway.id
+        self.buffer = StoreAndForwardBuffer(
+            config.buffer_path, site=self.site, gateway=self.gateway_id, encoding=config.uplink.encoding
+        )
+        self.uplink = Uplink(config.uplink, self.buffer, site=self.site, gateway=self.gateway_id)
+        self.broker = (
+            EmbeddedBroker(config.local_broker.bind, tap=self._on_local_publish)
+            if config.local_broker.enabled
+            else None
+        )
+        self.sources = [build_source(source) for source in config.sources]
+        self.readings_published = 0  # polls of our own sources, buffered and published locally
+        self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
+        self.local_rejected_total = 0
+        self.device_states: dict[str, DeviceState] = {}
+        self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
+        self._started = time.monotonic()
+        self.ready = asyncio.Event()
+
+    # --- ReadingSink, called by the sources ----------------------------------------------
+
+    async def submit_reading(self, reading: Reading) -> None:
+        _, payload = await self.buffer.add_reading(reading)
+        self.records_buffered += 1
+        if self.broker is not None:
+            await self.broker.publish(topic(TopicKind.TELEMETRY, self.site, self.gateway_id, reading.device), payload)
+        self.readings_published += 1
+
+    async def device_state(self, device: str, state: DeviceState, reason: str | None) -> None:
+        self.device_states[device] = state
+        status_topic = topic(TopicKind.DEVICE_STATUS, self.site, self.gateway_id, device)
+        payload = encode_state(state.value, _now_ms(), reason)
+        # Through the buffer, so the cloud sees state changes in order with the data.
+        await self.buffer.add_message(status_topic, payload, retain=True)
+        if self.broker is not None:
+            await self.broker.publish(status_topic, payload, retain=True)
+
+    # --- local publishers (through the embedded broker) ----------------------------------
+
+    def _on_local_publish(self, client_id: str, topic_name: str, payload: bytes) -> None:
+        try:
+            parsed = Topic.parse(topic_name)
+        except WireError:
+            return  # not ours: local traffic of other applications
+        if parsed.kind is TopicKind.TELEMETRY and (parsed.site, parsed.gateway) == (
+            self.site,
+            self.gateway_id,
+        ):
+            self._local_inbox.put_nowait((parsed, payload))
+
+    async def _local_intake(self) -> None:
+        while True:
+            parsed, payload = await self._local_inbox.get()
+            try:
+                records = decode(payload)
+            except WireError as exc:
+                self.local_rejected_total += 1
+                log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
+                continue
+            for record in records:
+                # The topic names the device; sequence numbers are ours to give.
+                await self.buffer.add_reading(Reading(parsed.device or record.device, record.ts, record.values))
+                self.records_buffered += 1
+
+    # --- health ----------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        stats = await self.buffer.stats()
+        now = _now_ms()
+        return {
+            "ts": now,
+            "site": self.site,
+            "gateway": self.gateway_id,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "readings_published": self.readings_published,
+            "records_buffered": self.records_buffered,
+            "records_delivered": self.uplink.records_delivered,
+            "messages_delivered": self.uplink.delivered_total,
+            "local_rejected": self.local_rejected_total,
+            "buffer": {
+                "records": stats.records,
+                "bytes": stats.bytes,
+                "oldest_age_s": None if stats.oldest_ms is None else round((now - stats.oldest_ms) / 1000, 1),
+            },
+            "uplink": {
+                "state": self.uplink.state,
+                "last_error": self.uplink.last_error,
+                "connects": self.uplink.connects_total,
+            },
+            "devices": {name: state.value for name, state in self.device_states.items()},
+            "last_seq": self.buffer.last_seq(),
+            "sources": {source.name: source.counters() for source in self.sources},
+        }
+
+    async def _health_loop(self) -> None:
+        health_topic = topic(TopicKind.GATEWAY_HEALTH, self.site, self.gateway_id)
+        while True:
+            payload = json.dumps(await self.health(), separators=(",", ":")).encode()
+            if self.broker is not None:
+                await self.broker.publish(health_topic, payload, retain=True)
+            self.uplink.publish_direct(health_topic, payload)
+            await asyncio.sleep(self.config.gateway.health_interval)
+
+    async def _local_status(self, state: str, reason: str | None = None) -> None:
+        if self.broker is not None:
+            status_topic = topic(TopicKind.GATEWAY_STATUS, self.site, self.gateway_id)
+            await self.broker.publish(status_topic, encode_state(state, _now_ms(), reason), retain=True)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down in two phases."""
+        await self.buffer.open()
+        if self.buffer.recovered_from is not None:
+            log.error(
+                "started a new buffer; the corrupt one was kept",
+                extra={"kept": str(self.buffer.recovered_from)},
+            )
+        try:
+            if self.broker is not None:
+                await self.broker.start()
+                await self._local_status("online")
+            async with asyncio.TaskGroup() as group:
+                uplink = group.create_task(self.uplink.run(), name="uplink")
+                inputs = [group.create_task(s.run(self), name=f"source-{s.name}") for s in self.sources]
+                if self.broker is not None:
+                    inputs.append(group.create_task(self._local_intake(), name="local-intake"))
+                health = group.create_task(self._health_loop(), name="health")
+                self.ready.set()
+                log.info(
+                    "gateway running",
+                    extra={"site": self.site, "gateway": self.gateway_id, "sources": len(self.sources)},
+                )
+                await stop.wait()
+
+                log.info("stopping: inputs")
+                for task in inputs:
+                    task.cancel()
+                if inputs:
+                    await asyncio.wait(inputs)
+                drained = await self.uplink.wait_drained(self.config.gateway.drain_timeout)
+                remaining = (await self.buffer.stats()).records
+                log.info("stopping: drain done", extra={"drained": drained, "left_in_buffer": remaining})
+                health.cancel()
+                uplink.cancel()
+        finally:
+            await self._local_status("offline", "shutdown")
+            if self.broker is not None:
+                await self.broker.stop()
+            await self.buffer.flush()
+            final = await self.health()
+            await self.buffer.close()
+            write_snapshot(self.config.gateway.state_dir / LAST_HEALTH_FILE, final)
+            log.info(
+                "gateway stopped",
+                extra={"records_buffered": final["records_buffered"], "left_in_buffer": final["buffer"]["records"]},
+            )

@@ -1,0 +1,69 @@
+"""``fieldlink-gateway``: check a config, or run the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from fieldlink.configkit import ConfigError
+from fieldlink.logs import setup_logging
+from fieldlink.runner import run_async
+from gateway.config import GatewayConfig, load_gateway_config
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fieldlink-gateway", description="fieldlink edge gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check-config", help="validate a config file and print every problem")
+    check.add_argument("file")
+
+    run = commands.add_parser("run", help="run the gateway")
+    run.add_argument("--config", required=True)
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["kv", "json"])
+    return parser
+
+
+def _check(path: str) -> int:
+    try:
+        config = load_gateway_config(path)
+    except ConfigError as exc:
+        print("\n".join(exc.lines()))
+        return 1
+    devices = sum(len(s.devices) for s in config.sources)
+    print(f"{path}: ok ({len(config.sources)} sources, {devices} devices)")
+    return 0
+
+
+async def _serve(config: GatewayConfig) -> None:
+    from gateway.app import GatewayApp  # noqa: PLC0415 (keeps check-config free of broker imports)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await GatewayApp(config).serve(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check(args.file)
+    try:
+        config = load_gateway_config(args.config)
+    except ConfigError as exc:
+        print("\n".join(exc.lines()), file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or config.logging.level, args.log_format or config.logging.format)
+    return run_async(_serve(config), log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

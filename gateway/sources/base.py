@@ -1,0 +1,57 @@
+"""What every source (Modbus bus, serial port, ...) promises the gateway.
+
+A source owns its devices: it polls them, turns raw data into typed values and hands
+each poll to the :class:`ReadingSink` as one :class:`Reading`. It reports every
+device's state (online / offline with the reason) to the sink as well.
+
+Contract of ``Source.run``: runs until cancelled, never returns and never raises
+for device trouble (timeouts, refused connections, bad frames are reported as device
+state and retried with backoff); cancellation closes its connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from fieldlink.wire import Value
+
+__all__ = ["DeviceState", "Reading", "ReadingSink", "Source"]
+
+
+class DeviceState(StrEnum):
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One poll of one device; ``ts`` is milliseconds since the Unix epoch."""
+
+    device: str
+    ts: int
+    values: Mapping[str, Value]
+
+
+class ReadingSink(Protocol):
+    async def submit_reading(self, reading: Reading) -> None:
+        """Take a reading; returns once it is durably buffered."""
+
+    async def device_state(self, device: str, state: DeviceState, reason: str | None) -> None:
+        """Record that a device changed state; called on changes only."""
+
+
+class Source(Protocol):
+    name: str
+
+    @property
+    def devices(self) -> list[str]: ...
+
+    async def run(self, sink: ReadingSink) -> None: ...
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters for the health topic (requests, errors, ...)."""
+        ...

@@ -1,0 +1,3 @@
+"""Imports every built-in source plugin so that each registers itself."""
+
+from gateway.sources import modbus  # noqa: F401
