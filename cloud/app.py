@@ -1,0 +1,144 @@
+"""Wires the cloud together: broker connection -> ingest pipeline -> store, rules, outbox, dashboards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from typing import Any
+
+from cloud.config import CloudConfig
+from cloud.dashboard import DashboardPublisher
+from cloud.ingest import IngestPipeline
+from cloud.notify.outbox import Outbox
+from cloud.notify.registry import build_notifier
+from cloud.rules import RuleEngine
+from cloud.stores.registry import build_store
+from fieldlink.embedded_broker import EmbeddedBroker
+from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection
+from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
+from fieldlink.wire import BATCH_FILTER, TELEMETRY_FILTER
+
+__all__ = ["CloudApp", "cloud_health_topic"]
+
+log = logging.getLogger(__name__)
+
+
+def cloud_health_topic(name: str) -> str:
+    return f"fl-cloud/{name}/health"
+
+
+class CloudApp:
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        state_dir = config.cloud.state_dir
+        self.store = build_store(config.store, config)
+        self.notifiers = {n.name: build_notifier(n) for n in config.notifiers}
+        self.outbox = Outbox(state_dir / "outbox.db", self.notifiers)
+        self.rules = RuleEngine(config.rules)
+        dashboard = DashboardPublisher(config.dashboard.prefix) if config.dashboard.enabled else None
+        self.pipeline = IngestPipeline(self.store, self.rules, self.outbox, self.notifiers, dashboard)
+        self.broker = EmbeddedBroker(config.broker.bind) if config.broker.embedded else None
+        self.mqtt_settings = config.broker.effective()
+        self.client_id = config.broker.client_id or f"fieldlink-cloud-{config.cloud.name}"
+        self.broker_state = "connecting"
+        self._conn: MqttConnection | None = None
+        self._started = time.monotonic()
+        self.ready = asyncio.Event()
+
+    async def _consume_forever(self) -> None:
+        failures = 0
+        while True:
+            # Persistent session with manual acks: what we have not acknowledged, the broker keeps.
+            conn = MqttConnection(self.mqtt_settings, client_id=self.client_id, clean_session=False, manual_ack=True)
+            try:
+                await conn.open()
+                await conn.subscribe([(TELEMETRY_FILTER, 1), (BATCH_FILTER, 1)])
+            except (ConnectFailed, ConnectionLost) as exc:
+                failures += 1
+                self.broker_state = "disconnected"
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "cloud broker unreachable",
+                    extra={"broker": self.mqtt_settings.url, "reason": str(exc)},
+                )
+                conn.abort()
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+                continue
+            failures = 0
+            self._conn = conn
+            self.broker_state = "connected"
+            log.info(
+                "subscribed",
+                extra={"broker": self.mqtt_settings.url, "session_present": conn.session_present},
+            )
+            self.ready.set()
+            try:
+                await self.pipeline.consume(conn)
+            finally:
+                self._conn = None
+                await conn.close(timeout=1)
+            self.broker_state = "disconnected"
+            log.warning("cloud broker connection lost", extra={"reason": conn.closed.result()})
+
+    async def health(self) -> dict[str, Any]:
+        c = self.pipeline.counters
+        return {
+            "ts": time.time_ns() // 1_000_000,
+            "cloud": self.config.cloud.name,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "broker": self.broker_state,
+            "messages": c.messages,
+            "records": c.records,
+            "records_stored": c.records_stored,
+            "duplicates_dropped": self.pipeline.dedup.dropped_total,
+            "bad_messages": c.bad_messages,
+            "store_failures": c.store_failures,
+            "alerts_fired": self.rules.fired_total,
+            "alerts_resolved": self.rules.resolved_total,
+            "alerts_firing": self.rules.firing(),
+            "notifications_sent": self.outbox.sent_total,
+            "notification_failures": self.outbox.failed_attempts_total,
+            "outbox_pending": await self.outbox.pending(),
+        }
+
+    async def _health_loop(self) -> None:
+        topic = cloud_health_topic(self.config.cloud.name)
+        while True:
+            conn = self._conn
+            if conn is not None and conn.is_open:
+                payload = json.dumps(await self.health(), separators=(",", ":")).encode()
+                with contextlib.suppress(ConnectionLost):
+                    conn.publish(topic, payload, qos=0, retain=True)
+            await asyncio.sleep(self.config.cloud.health_interval)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        await self.store.open()
+        await self.outbox.open()
+        try:
+            if self.broker is not None:
+                await self.broker.start()
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._consume_forever(), name="ingest"),
+                    group.create_task(self.outbox.run(), name="outbox"),
+                    group.create_task(self._health_loop(), name="health"),
+                ]
+                log.info("cloud running", extra={"cloud": self.config.cloud.name, "store": self.store.name})
+                await stop.wait()
+                log.info("stopping")
+                # Unacknowledged messages stay with the broker; nothing to drain here.
+                for task in tasks:
+                    task.cancel()
+        finally:
+            if self.broker is not None:
+                await self.broker.stop()
+            final = await self.health()
+            await self.outbox.close()
+            await self.store.close()
+            write_snapshot(self.config.cloud.state_dir / LAST_HEALTH_FILE, final)
+            log.info("cloud stopped", extra={"records_stored": final["records_stored"]})

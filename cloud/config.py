@@ -1,0 +1,123 @@
+"""The cloud's config schema: one TOML file, validated in full before anything starts.
+
+See ``docs/config-cloud.md`` for every key; ``configs/cloud.toml`` is a commented sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field
+
+from cloud.notify.registry import notifier_kinds
+from cloud.rules import RuleConfig
+from cloud.stores.registry import store_kinds
+from fieldlink.configkit import (
+    Duration,
+    Problem,
+    Schema,
+    TopicLevel,
+    check_plugin_kinds,
+    load_config,
+)
+from fieldlink.mqtt import MqttSettings
+
+__all__ = ["CloudConfig", "load_cloud_config"]
+
+
+def _union(models: tuple[type[Any], ...]) -> Any:
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[models], Field(discriminator="kind")]  # noqa: UP007 (built at run time)
+
+
+StoreConfig = _union(tuple(k.config_model for k in store_kinds().values()))
+NotifierConfig = _union(tuple(k.config_model for k in notifier_kinds().values()))
+
+
+class CloudSection(Schema):
+    name: TopicLevel = "cloud-1"  # this worker; part of its MQTT client id and health topic
+    state_dir: Path = Path("/var/lib/fieldlink-cloud")
+    health_interval: Duration = 10.0
+
+
+class BrokerSection(MqttSettings):
+    """The cloud broker. ``embedded = true`` runs an amqtt broker in this process instead."""
+
+    embedded: bool = False
+    bind: str = "127.0.0.1:1883"  # where the embedded broker listens
+
+    def effective(self) -> MqttSettings:
+        """Connection settings: an embedded broker is reached on its bind address."""
+        fields = {k: getattr(self, k) for k in MqttSettings.model_fields}
+        if self.embedded:
+            fields["url"] = f"mqtt://{self.bind}"
+        return MqttSettings(**fields)
+
+
+class DashboardSection(Schema):
+    enabled: bool = True
+    prefix: TopicLevel = "dash"
+
+
+class LoggingSection(Schema):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["kv", "json"] = "kv"
+
+
+class CloudConfig(Schema):
+    cloud: CloudSection = CloudSection()
+    broker: BrokerSection = BrokerSection()
+    store: StoreConfig = Field(default_factory=lambda: store_kinds()["sqlite"].config_model(kind="sqlite"))  # type: ignore[valid-type]
+    dashboard: DashboardSection = DashboardSection()
+    logging: LoggingSection = LoggingSection()
+    notifiers: list[NotifierConfig] = Field(default_factory=list)  # type: ignore[valid-type]
+    rules: list[RuleConfig] = Field(default_factory=list)
+
+
+def _cross_checks(config: CloudConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    notifier_names: set[str] = set()
+    for i, notifier in enumerate(config.notifiers):
+        if notifier.name in notifier_names:
+            problems.append(Problem(f"notifiers[{i}].name", f"{notifier.name!r} is used twice"))
+        notifier_names.add(notifier.name)
+    rule_names: set[str] = set()
+    for i, rule in enumerate(config.rules):
+        if rule.name in rule_names:
+            problems.append(Problem(f"rules[{i}].name", f"{rule.name!r} is used twice"))
+        rule_names.add(rule.name)
+        for j, target in enumerate(rule.notify):
+            if target not in notifier_names:
+                known = ", ".join(sorted(notifier_names)) or "none configured"
+                problems.append(Problem(f"rules[{i}].notify[{j}]", f"no notifier named {target!r} (known: {known})"))
+    if config.broker.embedded:
+        host, _, port = config.broker.bind.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            problems.append(Problem("broker.bind", f"must be HOST:PORT, got {config.broker.bind!r}"))
+    return problems
+
+
+def _prechecks(data: dict[str, Any]) -> list[Problem]:
+    problems = check_plugin_kinds(data, "notifiers", sorted(notifier_kinds()), "notifier")
+    store = data.get("store")
+    if isinstance(store, dict):
+        known = sorted(store_kinds())
+        wrapped = {"store": [store]}
+        problems += [
+            Problem(p.key.replace("store[0]", "store"), p.message)
+            for p in check_plugin_kinds(wrapped, "store", known, "store")
+        ]
+    return problems
+
+
+def load_cloud_config(path: str | Path) -> CloudConfig:
+    """Load and validate; raises ConfigError listing every problem with file and dotted key."""
+    return load_config(
+        path,
+        CloudConfig,
+        union_tags=frozenset(store_kinds()) | frozenset(notifier_kinds()),
+        prechecks=_prechecks,
+        checks=_cross_checks,
+    )

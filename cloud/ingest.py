@@ -1,0 +1,137 @@
+"""Subscribe, decode, deduplicate, store, evaluate rules, republish, then acknowledge.
+
+The cloud acknowledges an MQTT message only after everything it must do with it is
+durable: its points are in the store and any notification it raised is in the
+outbox. Until then the broker keeps it (persistent session, manual acks), so a crash
+of this process loses nothing; the redelivery is dropped by the deduplicator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cloud.dashboard import DashboardPublisher
+from cloud.dedup import Deduplicator
+from cloud.notify.base import Notifier
+from cloud.notify.outbox import Outbox
+from cloud.rules import RuleEngine
+from cloud.stores.base import Store, StoreUnavailable
+from fieldlink.mqtt import Message, MqttConnection
+from fieldlink.wire import Record, Topic, TopicKind, WireError, decode
+
+__all__ = ["IngestCounters", "IngestPipeline"]
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+
+
+@dataclass
+class IngestCounters:
+    messages: int = 0
+    records: int = 0
+    records_stored: int = 0
+    bad_messages: int = 0
+    store_failures: int = 0
+
+
+def _decode_checked(message: Message) -> list[Record]:
+    """Records of a message, after checking that the envelope matches its topic."""
+    parsed = Topic.parse(message.topic)
+    if parsed.kind not in (TopicKind.TELEMETRY, TopicKind.BATCH):
+        raise WireError(f"topic {message.topic!r} carries no telemetry")
+    records = decode(message.payload)
+    for record in records:
+        if (record.site, record.gateway) != (parsed.site, parsed.gateway):
+            raise WireError(f"envelope of {record.site}/{record.gateway} published on {message.topic!r}")
+        if parsed.device is not None and record.device != parsed.device:
+            raise WireError(f"record of device {record.device!r} published on {message.topic!r}")
+    return records
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        store: Store,
+        rules: RuleEngine,
+        outbox: Outbox,
+        notifiers: dict[str, Notifier],
+        dashboard: DashboardPublisher | None,
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.outbox = outbox
+        self.notifiers = notifiers
+        self.dashboard = dashboard
+        self.dedup = Deduplicator()
+        self.counters = IngestCounters()
+
+    async def consume(self, conn: MqttConnection) -> None:
+        """Process messages of one connection until it closes."""
+        closed = object()
+        conn.closed.add_done_callback(lambda _: conn.messages.put_nowait(closed))  # type: ignore[arg-type]
+        while True:
+            first = await conn.messages.get()
+            if first is closed:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH and not conn.messages.empty():
+                message = conn.messages.get_nowait()
+                if message is closed:
+                    conn.messages.put_nowait(message)
+                    break
+                batch.append(message)
+            await self.handle(conn, batch)
+
+    async def handle(self, conn: MqttConnection, batch: Sequence[Message]) -> None:
+        records: list[Record] = []
+        for message in batch:
+            self.counters.messages += 1
+            try:
+                records.extend(_decode_checked(message))
+            except WireError as exc:
+                # Counted, logged, acknowledged: a bad message must never block the ones behind it.
+                self.counters.bad_messages += 1
+                log.warning("bad message skipped", extra={"topic": message.topic, "reason": str(exc)})
+        self.counters.records += len(records)
+        fresh = self.dedup.fresh(records)
+        if fresh:
+            await self._store(fresh)
+            self.dedup.commit(fresh)
+            self.counters.records_stored += len(fresh)
+            events = self.rules.evaluate(fresh)
+            if events:
+                await self.outbox.enqueue(
+                    [(name, self.notifiers[name].render(e)) for e in events for name in e.rule.notify]
+                )
+                for event in events:
+                    log.info(
+                        "alert " + event.state,
+                        extra={"rule": event.rule.name, "device": event.device, "value": event.value},
+                    )
+            if self.dashboard is not None and conn.is_open:
+                for topic_name, payload, retain in self.dashboard.messages(fresh):
+                    conn.publish(topic_name, payload, qos=1 if retain else 0, retain=retain)
+        for message in batch:
+            conn.ack(message)
+
+    async def _store(self, records: Sequence[Record]) -> None:
+        """Write until the store takes it; meanwhile the messages stay unacknowledged."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store.write(records)
+            except StoreUnavailable as exc:
+                self.counters.store_failures += 1
+                wait = exc.retry_after if exc.retry_after is not None else delay * random.uniform(0.8, 1.0)
+                log.warning("store write failed; retrying", extra={"reason": str(exc), "retry_in_s": round(wait, 1)})
+                await asyncio.sleep(wait)
+                delay = min(30.0, delay * 2)
+                continue
+            if delay > 0.5:
+                log.info("store writes again", extra={"records": len(records)})
+            return

@@ -1,0 +1,1 @@
+"""Time-series stores. Each kind registers itself in :mod:`cloud.stores.registry`."""

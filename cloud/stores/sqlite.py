@@ -1,0 +1,139 @@
+"""The embedded single-node store: points in an SQLite (WAL) file, read back by ``fieldlink-cloud query``.
+
+Points are keyed like InfluxDB's (series + timestamp), so writing a record twice
+rewrites the same rows. The record's sequence number is kept next to each point,
+which lets the demo and the tests count records by (gateway, device, seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cloud.stores.base import StoreUnavailable
+from cloud.stores.registry import register_store
+from fieldlink.configkit import Schema
+from fieldlink.wire import Quality, Record
+
+__all__ = ["Point", "SqliteStore", "SqliteStoreConfig", "query_points"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    site TEXT NOT NULL,
+    gateway TEXT NOT NULL,
+    device TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    ts INTEGER NOT NULL,          -- ms since the Unix epoch
+    value,                        -- SQLite keeps ints as ints and floats as floats
+    type TEXT NOT NULL,
+    unit TEXT,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (site, gateway, device, metric, ts)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS points_by_time ON points (ts);
+"""
+
+
+class SqliteStoreConfig(Schema):
+    kind: Literal["sqlite"]
+    path: Path = Path("points.db")  # relative paths are under cloud.state_dir
+
+
+class SqliteStore:
+    name = "sqlite"
+
+    def __init__(self, config: SqliteStoreConfig, cloud_config: Any = None) -> None:
+        state_dir = getattr(getattr(cloud_config, "cloud", None), "state_dir", Path("."))
+        self.path = state_dir / config.path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    async def write(self, records: Sequence[Record]) -> None:
+        rows = [
+            (r.site, r.gateway, r.device, name, r.ts, v.value, v.type.value, v.unit, r.seq)
+            for r in records
+            for name, v in r.values.items()
+            if v.quality is Quality.GOOD and v.value is not None
+        ]
+        if rows:
+            try:
+                await self._run(self._write_rows, rows)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite store: {exc}") from None
+
+    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class Point:
+    site: str
+    gateway: str
+    device: str
+    metric: str
+    ts: int
+    value: Any
+    type: str
+    unit: str | None
+    seq: int
+
+
+def query_points(
+    path: Path,
+    *,
+    device: str | None = None,
+    metric: str | None = None,
+    since_ms: int | None = None,
+    limit: int | None = 20,
+) -> list[Point]:
+    """Most recent points first; opens the file read-only, so it works beside a running cloud."""
+    clauses, args = [], []
+    for column, value in (("device", device), ("metric", metric)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    if since_ms is not None:
+        clauses.append("ts >= ?")
+        args.append(since_ms)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    tail = "" if limit is None else f"LIMIT {int(limit)}"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            f"SELECT site, gateway, device, metric, ts, value, type, unit, seq FROM points {where} "
+            f"ORDER BY ts DESC, device, metric {tail}",
+            args,
+        ).fetchall()
+    finally:
+        db.close()
+    return [Point(*row) for row in rows]
+
+
+register_store("sqlite", SqliteStoreConfig, SqliteStore)
