@@ -1,0 +1,166 @@
+"""Bad input gets a clear report and loses nothing; the processes keep running."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import paho.mqtt.publish as mqtt_publish
+
+from fieldlink.wire import Encoding, Record, Value, encode_record
+from tests.integration.fleet import (
+    GATEWAY,
+    SITE,
+    SQLITE_STORE,
+    cloud_toml,
+    gateway_toml,
+    modbus_source,
+    sim_toml,
+    wire_records,
+)
+from tests.rig import Mosquitto, MqttProbe, SmtpSink, free_port
+from tests.rig.programs import Programs
+
+HEALTH = f"fl/{SITE}/{GATEWAY}/health"
+
+
+def _health(messages: list) -> list[dict]:
+    return [json.loads(m.payload) for m in messages if m.topic.endswith("/health")]
+
+
+def test_unreachable_modbus_device_goes_offline_with_reason_and_recovers(
+    programs: Programs, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    live_port, dead_port, local_port = free_port(), free_port(), free_port()
+    programs.simulator(sim_toml(live_port), name="sim-live").start().wait_port(live_port)
+    dead_source = (
+        modbus_source("dead-line", dead_port, poll="100ms")
+        .replace("boiler-1", "far-boiler")
+        .replace("meter-1", "far-meter")
+    )
+    gateway = programs.gateway(
+        gateway_toml(tmp_path / "gw", local_port, mosquitto.url, modbus_source("line", live_port) + dead_source)
+    )
+    gateway.start().wait_port(local_port)
+    status_topic = f"fl/{SITE}/{GATEWAY}/dev/far-boiler/status"
+    with MqttProbe("127.0.0.1", local_port, [status_topic, HEALTH, f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as probe:
+        offline = probe.wait_for(lambda ms: any(m.topic == status_topic for m in ms), timeout=10)
+        state = json.loads(next(m for m in offline if m.topic == status_topic).payload)
+        assert state["state"] == "offline"
+        assert state["reason"] == f"cannot connect to 127.0.0.1:{dead_port}: Connection refused"
+
+        # Retries with backoff (200 ms doubling to 1 s), not at the 100 ms poll rate.
+        def failures(ms: list) -> list[tuple[int, int]]:
+            return [(h["ts"], h["sources"].get("dead-line", {}).get("connect_failures", 0)) for h in _health(ms)]
+
+        first = failures(probe.wait_for(lambda ms: len(failures(ms)) >= 1, timeout=5))[-1]
+        later = failures(probe.wait_for(lambda ms: failures(ms)[-1][0] - first[0] >= 4000, timeout=10))[-1]
+        attempts = later[1] - first[1]
+        assert 2 <= attempts <= 16, f"{attempts} attempts in {later[0] - first[0]} ms"
+
+        # The healthy bus kept reporting all along; the gateway never stopped.
+        assert {r[0] for r in wire_records(probe.messages)} == {"boiler-1", "meter-1"}
+        assert gateway.running
+
+        # The device comes back: online again, without a restart.
+        programs.simulator(sim_toml(dead_port), name="sim-revived").start().wait_port(dead_port)
+        probe.wait_for(
+            lambda ms: any(m.topic == status_topic and json.loads(m.payload)["state"] == "online" for m in ms),
+            timeout=10,
+        )
+        probe.wait_for(lambda ms: any(r[0] == "far-boiler" for r in wire_records(ms)), timeout=10)
+    assert gateway.stop() == 0
+
+
+def _record(device: str, seq: int, temperature: float, ts: int | None = None) -> Record:
+    return Record(
+        SITE,
+        GATEWAY,
+        device,
+        seq,
+        ts or time.time_ns() // 1_000_000,
+        {"temperature": Value.of(temperature, "degC")},
+    )
+
+
+def _cloud_health(probe: MqttProbe, predicate, timeout: float = 15) -> dict:
+    messages = probe.wait_for(
+        lambda ms: any(predicate(h) for h in _health([m for m in ms if m.topic.startswith("fl-cloud/")])),
+        timeout=timeout,
+    )
+    return next(h for h in reversed(_health(messages)) if predicate(h))
+
+
+def test_malformed_payloads_are_counted_and_skipped(programs: Programs, mosquitto: Mosquitto, tmp_path: Path) -> None:
+    cloud = programs.cloud(cloud_toml(tmp_path / "cloud", mosquitto.url, SQLITE_STORE)).start()
+    with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
+        _cloud_health(probe, lambda h: h["broker"] == "connected")
+        topic = f"fl/{SITE}/{GATEWAY}/dev/boiler-1/telemetry"
+        bad = [
+            b"\xc1 not msgpack",  # undecodable
+            b'{"ver": 99, "kind": "record"}',  # unknown version
+            encode_record(_record("other-device", 1, 20.0)),  # device does not match its topic
+        ]
+        for payload in bad:
+            mqtt_publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=mosquitto.port)
+        good = _record("boiler-1", 1, 21.5)
+        mqtt_publish.single(topic, encode_record(good, Encoding.JSON), qos=1, hostname="127.0.0.1", port=mosquitto.port)
+        health = _cloud_health(probe, lambda h: h["records_stored"] >= 1)
+        assert health["bad_messages"] == 3
+        assert health["records_stored"] == 1
+        assert cloud.running
+    assert cloud.stop() == 0
+    log = cloud.log()
+    assert "bad message skipped" in log
+    assert "unsupported envelope version 99" in log
+    assert "record of device 'other-device' published on" in log
+
+
+def test_alert_mail_waits_out_an_smtp_outage_and_a_cloud_restart(
+    programs: Programs, mosquitto: Mosquitto, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    smtp_sink.stop()  # the relay is down when the alert fires
+    config = cloud_toml(tmp_path / "cloud", mosquitto.url, SQLITE_STORE, smtp_sink.port)
+    cloud = programs.cloud(config).start()
+    topic = f"fl/{SITE}/{GATEWAY}/dev/boiler-1/telemetry"
+    with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
+        _cloud_health(probe, lambda h: h["broker"] == "connected")
+        mqtt_publish.single(topic, encode_record(_record("boiler-1", 1, 95.0)), qos=1, port=mosquitto.port)
+        health = _cloud_health(probe, lambda h: h["notification_failures"] >= 1)
+        assert health["alerts_fired"] == 1
+        assert health["outbox_pending"] == 1
+    # The cloud restarts before the relay comes back: the notification is on disk.
+    assert cloud.stop() == 0
+    cloud.start()
+    smtp_sink.start()
+    (mail,) = smtp_sink.wait_for(1, timeout=20)
+    assert mail["Subject"] == "[FIRING critical] boiler-overheat: boiler-1 temperature = 95 degC > 80"
+    with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
+        _cloud_health(probe, lambda h: h["outbox_pending"] == 0 and h["notifications_sent"] == 1)
+    assert cloud.stop() == 0
+    assert len(smtp_sink.messages) == 1
+
+
+def test_local_apps_publish_through_the_gateway_buffer(
+    programs: Programs, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    local_port = free_port()
+    gateway = programs.gateway(gateway_toml(tmp_path / "gw", local_port, mosquitto.url, sources=""))
+    gateway.start().wait_port(local_port)
+    topic = f"fl/{SITE}/{GATEWAY}/dev/lab-sensor/telemetry"
+    with MqttProbe("127.0.0.1", mosquitto.port, [f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as cloud_side:
+        # The local app's own seq is ignored: the gateway numbers records in its buffer.
+        envelope = encode_record(_record("lab-sensor", 777, 19.5), Encoding.JSON)
+        mqtt_publish.single(topic, envelope, qos=1, hostname="127.0.0.1", port=local_port)
+        mqtt_publish.single(topic, b"not an envelope", qos=1, hostname="127.0.0.1", port=local_port)
+        mqtt_publish.single(topic, envelope, qos=1, hostname="127.0.0.1", port=local_port)
+        records = wire_records(cloud_side.wait_for(2, timeout=10))
+    assert sorted(records) == [("lab-sensor", 1), ("lab-sensor", 2)]
+    assert records[("lab-sensor", 1)].values["temperature"].value == 19.5
+    with MqttProbe("127.0.0.1", local_port, [HEALTH]) as local:
+        fresh = local.wait_for(lambda ms: any(h["records_buffered"] >= 2 for h in _health(ms)), timeout=5)
+        health = _health(fresh)[-1]
+    assert health["local_rejected"] == 1
+    assert health["records_buffered"] == 2
+    assert gateway.stop() == 0
