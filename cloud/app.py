@@ -95,6 +95,7 @@ class CloudApp:
             "messages": c.messages,
             "records": c.records,
             "records_stored": c.records_stored,
+            "records_rejected": c.records_rejected,
             "duplicates_dropped": self.pipeline.dedup.dropped_total,
             "bad_messages": c.bad_messages,
             "store_failures": c.store_failures,

@@ -19,7 +19,7 @@ from cloud.dedup import Deduplicator
 from cloud.notify.base import Notifier
 from cloud.notify.outbox import Outbox
 from cloud.rules import RuleEngine
-from cloud.stores.base import Store, StoreUnavailable
+from cloud.stores.base import Store, StoreRejected, StoreUnavailable
 from fieldlink.mqtt import Message, MqttConnection
 from fieldlink.wire import Record, Topic, TopicKind, WireError, decode
 
@@ -35,6 +35,7 @@ class IngestCounters:
     messages: int = 0
     records: int = 0
     records_stored: int = 0
+    records_rejected: int = 0
     bad_messages: int = 0
     store_failures: int = 0
 
@@ -97,10 +98,13 @@ class IngestPipeline:
                 # Counted, logged, acknowledged: a bad message must never block the ones behind it.
                 self.counters.bad_messages += 1
                 log.warning("bad message skipped", extra={"topic": message.topic, "reason": str(exc)})
+            except Exception:  # a decoder bug must not turn one message into a crash loop
+                self.counters.bad_messages += 1
+                log.exception("bad message skipped (unexpected error)", extra={"topic": message.topic})
         self.counters.records += len(records)
         fresh = self.dedup.fresh(records)
         if fresh:
-            await self._store(fresh)
+            fresh = await self._store(fresh)
             self.dedup.commit(fresh)
             self.counters.records_stored += len(fresh)
             events = self.rules.evaluate(fresh)
@@ -119,8 +123,38 @@ class IngestPipeline:
         for message in batch:
             conn.ack(message)
 
-    async def _store(self, records: Sequence[Record]) -> None:
-        """Write until the store takes it; meanwhile the messages stay unacknowledged."""
+    async def _store(self, records: Sequence[Record]) -> list[Record]:
+        """Write until the store takes it (meanwhile the messages stay unacknowledged).
+
+        Returns the records stored: if the store refuses the batch for good, each record
+        is tried alone and the ones it still refuses are reported and left out.
+        """
+        try:
+            await self._write_with_retry(records)
+        except StoreRejected:
+            if len(records) == 1:
+                self._rejected(records[0], "refused")
+                return []
+        else:
+            return list(records)
+        stored = []
+        for record in records:
+            try:
+                await self._write_with_retry([record])
+            except StoreRejected as exc:
+                self._rejected(record, str(exc))
+            else:
+                stored.append(record)
+        return stored
+
+    def _rejected(self, record: Record, reason: str) -> None:
+        self.counters.records_rejected += 1
+        log.error(
+            "record refused by the store; skipped",
+            extra={"gateway": record.gateway, "device": record.device, "seq": record.seq, "reason": reason},
+        )
+
+    async def _write_with_retry(self, records: Sequence[Record]) -> None:
         delay = 0.5
         while True:
             try:

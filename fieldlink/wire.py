@@ -182,6 +182,12 @@ class Topic:
         if len(parts) < 4 or parts[0] != ROOT:
             raise WireError(f"topic {name!r} is not under {ROOT}/<site>/<gateway>/")
         site, gateway = parts[1], parts[2]
+        levels = [site, gateway, parts[4]] if len(parts) >= 6 and parts[3] == "dev" else [site, gateway]
+        for level in levels:
+            try:
+                check_topic_level(level)
+            except ValueError as exc:
+                raise WireError(f"topic {name!r}: a level {exc}") from None
         if len(parts) == 4 and parts[3] in _GATEWAY_LEVEL:
             return cls(_GATEWAY_LEVEL[parts[3]], site, gateway)
         if len(parts) >= 6 and parts[3] == "dev":
@@ -269,6 +275,8 @@ def _unpack(payload: bytes) -> Any:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
         raise WireError(f"undecodable payload: {exc}") from None
+    except RecursionError:
+        raise WireError("undecodable payload: nested too deeply") from None
 
 
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -291,10 +299,11 @@ def _name(obj: Mapping[str, Any], key: str, where: str) -> str:
 def _value_from_wire(raw: Any, where: str) -> Value:
     if not isinstance(raw, Mapping):
         raise WireError(f"{where}: value entry is not a map")
+    type_tag = _field(raw, "t", str, where)
     try:
-        kind = ValueType(_field(raw, "t", str, where))
+        kind = ValueType(type_tag)
     except ValueError:
-        raise WireError(f"{where}: unknown value type {raw['t']!r}") from None
+        raise WireError(f"{where}: unknown value type {type_tag!r}") from None
     quality_raw = raw.get("q", Quality.GOOD.value)
     try:
         quality = Quality(quality_raw)
@@ -358,7 +367,7 @@ def decode(payload: bytes) -> list[Record]:
     if not isinstance(envelope, Mapping):
         raise WireError("envelope is not a map")
     version = envelope.get("ver")
-    if version != PROTOCOL_VERSION:
+    if version != PROTOCOL_VERSION or isinstance(version, bool):  # True == 1 in Python
         raise WireError(f"unsupported envelope version {version!r} (this side speaks {PROTOCOL_VERSION})")
     site = _name(envelope, "site", "envelope")
     gateway = _name(envelope, "gw", "envelope")

@@ -2,8 +2,11 @@
 
 ``write`` returns only when the records are durable in the store, or raises
 :class:`StoreUnavailable` (the pipeline keeps the MQTT messages unacknowledged and
-retries). Writes are idempotent: a record written twice is one point, because points
-are keyed by series (site, gateway, device, metric) and timestamp.
+retries) or :class:`StoreRejected` (the pipeline isolates the records the store
+refuses, reports them and goes on: one bad record must not stall the rest).
+
+Writes are idempotent: a record written twice is one point, because points are
+keyed by series (site, gateway, device, metric) and timestamp.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Protocol
 
 from fieldlink.wire import Record
 
-__all__ = ["Store", "StoreUnavailable"]
+__all__ = ["Store", "StoreRejected", "StoreUnavailable"]
 
 
 class StoreUnavailable(Exception):
@@ -22,6 +25,10 @@ class StoreUnavailable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class StoreRejected(Exception):
+    """The store refused these records for good (malformed, field type conflict); retrying cannot help."""
 
 
 class Store(Protocol):

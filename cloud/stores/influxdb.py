@@ -14,7 +14,7 @@ from influxdb_client.rest import ApiException
 from pydantic import SecretStr
 from urllib3.exceptions import HTTPError
 
-from cloud.stores.base import StoreUnavailable
+from cloud.stores.base import StoreRejected, StoreUnavailable
 from cloud.stores.line_protocol import format_record
 from cloud.stores.registry import register_store
 from fieldlink.configkit import Duration, Schema
@@ -67,6 +67,8 @@ class InfluxDBStore:
                 write_precision=WritePrecision.MS,
             )
         except ApiException as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                raise StoreRejected(f"InfluxDB refused the write ({exc.status}): {exc.body or exc.reason}") from None
             retry_after = None
             if exc.headers and exc.headers.get("Retry-After", "").isdigit():
                 retry_after = float(exc.headers["Retry-After"])

@@ -18,6 +18,7 @@ from fieldlink.wire import Quality, Record, Value, ValueType
 
 __all__ = ["escape_key", "escape_measurement", "format_record"]
 
+_INT64_MAX = 2**63 - 1
 _MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n"})
 _KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n"})
 
@@ -39,7 +40,9 @@ def _field_value(value: Value) -> str | None:
             return None  # line protocol has no NaN or infinity
         return repr(number)
     if value.type is ValueType.INT:
-        return f"{int(v)}i"  # type: ignore[arg-type]
+        number = int(v)  # type: ignore[arg-type]
+        # The wire allows uint64; above int64 only InfluxDB's unsigned type can hold it.
+        return f"{number}u" if number > _INT64_MAX else f"{number}i"
     if value.type is ValueType.BOOL:
         return "true" if v else "false"
     text = str(v).replace("\\", "\\\\").replace('"', '\\"')

@@ -68,14 +68,14 @@ class StoreAndForwardBuffer:
 
     async def open(self) -> None:
         self.recovered_from = await self._run(self._store.open)
-        self._last_seq = await self._run(self._store.sequences)
         if self.recovered_from is not None:
             # The old sequence numbers are gone with the corrupt file. Restart above any
-            # value they can have reached (one record per millisecond since 1970), so the
-            # cloud never mistakes new records for replays of old ones.
-            floor = time.time_ns() // 1_000_000
-            self._last_seq = {d: max(s, floor) for d, s in self._last_seq.items()}
-            self._seq_floor = floor
+            # value they can have reached (one record per millisecond since 1970), and
+            # keep that floor in the new file, so the cloud never mistakes new records
+            # for replays of old ones, not even after the next restart.
+            await self._run(self._store.set_seq_floor, time.time_ns() // 1_000_000)
+        self._seq_floor = await self._run(self._store.seq_floor)
+        self._last_seq = await self._run(self._store.sequences)
         self._writer = asyncio.create_task(self._write_loop(), name="buffer-writer")
         stats = await self.stats()
         log.info(
@@ -178,7 +178,7 @@ class StoreAndForwardBuffer:
                 results.append(None)
                 continue
             reading = pending.reading
-            seq = next_seq.get(reading.device, self._seq_floor) + 1
+            seq = max(next_seq.get(reading.device, 0), self._seq_floor) + 1
             next_seq[reading.device] = seq
             record = Record(self.site, self.gateway, reading.device, seq, reading.ts, reading.values)
             payload = encode_record(record, self.encoding)

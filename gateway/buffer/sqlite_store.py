@@ -170,6 +170,17 @@ class SqliteStore:
         ).fetchall()
         return [Entry(r[0], r[1], bytes(r[2]), bool(r[3]), bool(r[4])) for r in rows]
 
+    def seq_floor(self) -> int:
+        """Sequence numbers of every device start above this (set after a corrupt file was replaced)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_seq_floor(self, floor: int) -> None:
+        self.db.execute(
+            "INSERT INTO meta VALUES ('seq_floor', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(floor),),
+        )
+
     def sequences(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT device, last_seq FROM sequences").fetchall())
 

@@ -16,7 +16,7 @@ MAX_REGISTERS_PER_READ = 125  # the Modbus limit for function codes 3 and 4
 
 
 def _decimal_places(number: float) -> int:
-    exponent = Decimal(repr(number)).as_tuple().exponent
+    exponent = Decimal(repr(number)).normalize().as_tuple().exponent
     return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
 
