@@ -1,0 +1,49 @@
+# fieldlink: the two commands are `make demo` and `make test` (see README.md).
+# Both work on a fresh Debian machine as root: they create .venv and install what they need.
+
+VENV     ?= .venv
+PYTHON   ?= python3
+BIN      := $(VENV)/bin
+DURATION ?=
+# Debian packages the tests talk to (real servers, never mocks).
+TEST_DEBS := mosquitto victoria-metrics
+
+.PHONY: demo test lint format install debian-test-deps clean
+
+demo: $(VENV)/.installed
+	@$(BIN)/firmware-sim demo $(if $(DURATION),--duration $(DURATION))
+
+test: $(VENV)/.installed debian-test-deps
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv failed; installing Debian's python3-venv"; \
+	  apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,sim]'
+	@touch $@
+
+debian-test-deps:
+	@missing=""; \
+	for pkg in $(TEST_DEBS); do \
+	  dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .hypothesis *.egg-info
