@@ -24,10 +24,10 @@ def _iso(ts_ms: int) -> str:
 
 
 def _value_json(value: Value) -> dict[str, Any]:
-    v = value.value
+    v, quality = value.value, value.quality.value
     if isinstance(v, float) and not math.isfinite(v):
-        v = None  # JSON has no NaN; quality tells the story
-    body: dict[str, Any] = {"value": v, "type": value.type.value, "quality": value.quality.value}
+        v, quality = None, "bad"  # JSON has no NaN; a NaN register is a sensor fault more often than not
+    body: dict[str, Any] = {"value": v, "type": value.type.value, "quality": quality}
     if value.unit:
         body["unit"] = value.unit
     return body

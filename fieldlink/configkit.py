@@ -119,10 +119,11 @@ def _interpolate(node: Any, key: str, env: dict[str, str], problems: list[Proble
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
+        value = env.get(name)
         if default is not None:
-            return default
+            return value or default  # like the shell: ${VAR:-x} also covers a set but empty VAR
+        if value is not None:
+            return value
         problems.append(Problem(key, f"environment variable {name} is not set"))
         return ""
 

@@ -384,8 +384,11 @@ def decode(payload: bytes) -> list[Record]:
 # Always JSON: they are retained and read by people, dashboards and shell tools.
 
 
-def encode_state(state: str, ts: int, reason: str | None = None, **extra: Any) -> bytes:
-    body: dict[str, Any] = {"state": state, "ts": ts}
+def encode_state(state: str, ts: int | None, reason: str | None = None, **extra: Any) -> bytes:
+    """``ts=None`` leaves the time out: a last will is written at connect time, not when it fires."""
+    body: dict[str, Any] = {"state": state}
+    if ts is not None:
+        body["ts"] = ts
     if reason:
         body["reason"] = reason
     body.update(extra)

@@ -25,7 +25,7 @@ from typing import Any
 from fieldlink.embedded_broker import EmbeddedBroker
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
 from fieldlink.wire import Topic, TopicKind, WireError, decode, encode_state, topic
-from gateway.buffer import StoreAndForwardBuffer
+from gateway.buffer import BufferError, StoreAndForwardBuffer
 from gateway.config import GatewayConfig
 from gateway.sources.base import DeviceState, Reading
 from gateway.sources.registry import build_source
@@ -57,6 +57,7 @@ class GatewayApp:
         self.readings_published = 0  # polls of our own sources, buffered and published locally
         self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
         self.local_rejected_total = 0
+        self.readings_dropped = 0  # could not be buffered (disk full, I/O error)
         self.device_states: dict[str, DeviceState] = {}
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
@@ -65,7 +66,13 @@ class GatewayApp:
     # --- ReadingSink, called by the sources ----------------------------------------------
 
     async def submit_reading(self, reading: Reading) -> None:
-        _, payload = await self.buffer.add_reading(reading)
+        try:
+            _, payload = await self.buffer.add_reading(reading)
+        except BufferError as exc:
+            # Disk full or failing: the reading is lost. Counted and reported; polling goes on.
+            self.readings_dropped += 1
+            log.error("reading dropped: buffer write failed", extra={"device": reading.device, "reason": str(exc)})
+            return
         self.records_buffered += 1
         if self.broker is not None:
             await self.broker.publish(topic(TopicKind.TELEMETRY, self.site, self.gateway_id, reading.device), payload)
@@ -76,7 +83,10 @@ class GatewayApp:
         status_topic = topic(TopicKind.DEVICE_STATUS, self.site, self.gateway_id, device)
         payload = encode_state(state.value, _now_ms(), reason)
         # Through the buffer, so the cloud sees state changes in order with the data.
-        await self.buffer.add_message(status_topic, payload, retain=True)
+        try:
+            await self.buffer.add_message(status_topic, payload, retain=True)
+        except BufferError as exc:
+            log.error("device state not buffered", extra={"device": device, "reason": str(exc)})
         if self.broker is not None:
             await self.broker.publish(status_topic, payload, retain=True)
 
@@ -104,7 +114,13 @@ class GatewayApp:
                 continue
             for record in records:
                 # The topic names the device; sequence numbers are ours to give.
-                await self.buffer.add_reading(Reading(parsed.device or record.device, record.ts, record.values))
+                reading = Reading(parsed.device or record.device, record.ts, record.values)
+                try:
+                    await self.buffer.add_reading(reading)
+                except BufferError as exc:
+                    self.readings_dropped += 1
+                    log.error("local reading dropped: buffer write failed", extra={"reason": str(exc)})
+                    continue
                 self.records_buffered += 1
 
     # --- health ----------------------------------------------------------------------------
@@ -122,8 +138,9 @@ class GatewayApp:
             "records_delivered": self.uplink.records_delivered,
             "messages_delivered": self.uplink.delivered_total,
             "local_rejected": self.local_rejected_total,
+            "readings_dropped": self.readings_dropped,
             "buffer": {
-                "records": stats.records,
+                "messages": stats.messages,
                 "bytes": stats.bytes,
                 "oldest_age_s": None if stats.oldest_ms is None else round((now - stats.oldest_ms) / 1000, 1),
             },
@@ -184,7 +201,7 @@ class GatewayApp:
                 if inputs:
                     await asyncio.wait(inputs)
                 drained = await self.uplink.wait_drained(self.config.gateway.drain_timeout)
-                remaining = (await self.buffer.stats()).records
+                remaining = (await self.buffer.stats()).messages
                 log.info("stopping: drain done", extra={"drained": drained, "left_in_buffer": remaining})
                 health.cancel()
                 uplink.cancel()
@@ -198,5 +215,5 @@ class GatewayApp:
             write_snapshot(self.config.gateway.state_dir / LAST_HEALTH_FILE, final)
             log.info(
                 "gateway stopped",
-                extra={"records_buffered": final["records_buffered"], "left_in_buffer": final["buffer"]["records"]},
+                extra={"records_buffered": final["records_buffered"], "left_in_buffer": final["buffer"]["messages"]},
             )

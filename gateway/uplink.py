@@ -66,7 +66,7 @@ class Uplink:
                 conn = MqttConnection(
                     self.config,
                     client_id=self.client_id,
-                    will=Will(self.status_topic, encode_state("offline", _now_ms(), "connection lost")),
+                    will=Will(self.status_topic, encode_state("offline", None, "connection lost")),
                 )
                 try:
                     await conn.open()
@@ -148,7 +148,7 @@ class Uplink:
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             await self.buffer.flush()
-            if (await self.buffer.stats()).records == 0:
+            if (await self.buffer.stats()).messages == 0:
                 return True
             if self._conn is None:
                 return False  # no uplink: nothing will drain; keep the rest in the buffer

@@ -8,6 +8,7 @@ which lets the demo and the tests count records by (gateway, device, seq).
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,11 @@ CREATE TABLE IF NOT EXISTS points (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS points_by_time ON points (ts);
 """
+
+
+def _finite(value: object) -> bool:
+    # Like the InfluxDB path: NaN and infinity are not stored (SQLite would turn NaN into NULL).
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 class SqliteStoreConfig(Schema):
@@ -71,7 +77,7 @@ class SqliteStore:
             (r.site, r.gateway, r.device, name, r.ts, v.value, v.type.value, v.unit, r.seq)
             for r in records
             for name, v in r.values.items()
-            if v.quality is Quality.GOOD and v.value is not None
+            if v.quality is Quality.GOOD and v.value is not None and _finite(v.value)
         ]
         if rows:
             try:
@@ -133,7 +139,7 @@ def query_points(
         ).fetchall()
     finally:
         db.close()
-    return [Point(*row) for row in rows]
+    return [Point(*row[:5], bool(row[5]) if row[6] == "bool" else row[5], *row[6:]) for row in rows]
 
 
 register_store("sqlite", SqliteStoreConfig, SqliteStore)

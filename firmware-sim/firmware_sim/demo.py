@@ -103,7 +103,7 @@ class _Status:
 
     def line(self, elapsed: float) -> str:
         g, c = self.gateway, self.cloud
-        buffered = g.get("buffer", {}).get("records", 0)
+        buffered = g.get("buffer", {}).get("messages", 0)
         return (
             f"[{elapsed:5.0f}s] readings {g.get('readings_published', 0)}"
             f" | buffered {buffered}"
@@ -298,7 +298,7 @@ async def run_demo(configs: Path, workdir: Path, duration: float | None, bin_dir
         "readings_published": gateway_final["readings_published"],
         "records_buffered": gateway_final["records_buffered"],
         "records_delivered": gateway_final["records_delivered"],
-        "records_left_in_buffer": gateway_final["buffer"]["records"],
+        "messages_left_in_buffer": gateway_final["buffer"]["messages"],
         "points_stored": points,
         "records_stored": len(stored),
         "alerts_fired": cloud_final["alerts_fired"],

@@ -80,7 +80,7 @@ class StoreAndForwardBuffer:
         stats = await self.stats()
         log.info(
             "buffer open",
-            extra={"path": str(self.path), "records": stats.records, "bytes": stats.bytes},
+            extra={"path": str(self.path), "messages": stats.messages, "bytes": stats.bytes},
         )
 
     async def close(self) -> None:
@@ -139,7 +139,7 @@ class StoreAndForwardBuffer:
     async def stats(self) -> BufferStats:
         stats: BufferStats = await self._run(self._store.stats)
         pending_deletes = len(self._deleting)
-        return BufferStats(max(0, stats.records - pending_deletes), stats.bytes, stats.oldest_ms)
+        return BufferStats(max(0, stats.messages - pending_deletes), stats.bytes, stats.oldest_ms)
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever new entries were committed (the uplink wakes up)."""

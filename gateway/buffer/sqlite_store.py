@@ -67,7 +67,7 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class BufferStats:
-    records: int
+    messages: int  # telemetry records and status messages awaiting PUBACK
     bytes: int
     oldest_ms: int | None
 

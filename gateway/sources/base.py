@@ -23,7 +23,7 @@ __all__ = ["DeviceState", "Reading", "ReadingSink", "Source"]
 
 class DeviceState(StrEnum):
     ONLINE = "online"
-    DEGRADED = "degraded"
+    DEGRADED = "degraded"  # answering but failing often: set by the circuit breaker of issue #3 (not built yet)
     OFFLINE = "offline"
 
 

@@ -203,13 +203,13 @@ def test_cloud_broker_outage_and_gateway_crash_lose_nothing_and_duplicate_nothin
 
     victoria.wait_for_samples('{__name__="fieldlink_pressure"}', 5, timeout=15)  # flowing before the outage
     assert mosquitto.stop() == 0
-    wait_local_health(lambda h: h["buffer"]["records"] >= 20)  # readings pile up while the broker is down
+    wait_local_health(lambda h: h["buffer"]["messages"] >= 20)  # readings pile up while the broker is down
     assert gateway.kill() == -9  # and the gateway crashes, buffer and all
     gateway.start().wait_port(local_port)
-    wait_local_health(lambda h: h["buffer"]["records"] >= 40)  # the old records survived; new ones join them
+    wait_local_health(lambda h: h["buffer"]["messages"] >= 40)  # the old records survived; new ones join them
     mosquitto.start()
     # The uplink reconnects on its own (with backoff) and replays the backlog.
-    wait_local_health(lambda h: h["uplink"]["state"] == "connected" and h["buffer"]["records"] <= 2, timeout=30)
+    wait_local_health(lambda h: h["uplink"]["state"] == "connected" and h["buffer"]["messages"] <= 2, timeout=30)
     assert gateway.stop() == 0
     per_device: dict[str, int] = defaultdict(int)
     for device, _ in produced(gateway_state):

@@ -137,10 +137,10 @@ def test_accepted_entries_are_never_taken_again(db: Path) -> None:
         # The delete is not committed yet (the writer has not run): take must hide them anyway.
         assert [e.id for e in await buffer.take(0, 10)] == [entries[1].id, entries[4].id, entries[5].id]
         assert [e.id for e in await buffer.take(0, 2)] == [entries[1].id, entries[4].id]
-        assert (await buffer.stats()).records == 3
+        assert (await buffer.stats()).messages == 3
         await buffer.flush()
         assert [e.id for e in await buffer.take(0, 10)] == [entries[1].id, entries[4].id, entries[5].id]
-        assert (await buffer.stats()).records == 3
+        assert (await buffer.stats()).messages == 3
         assert buffer.accepted_total == 3
 
     with_buffer(db, body)
@@ -148,7 +148,7 @@ def test_accepted_entries_are_never_taken_again(db: Path) -> None:
     store = SqliteStore(db)
     store.open()
     try:
-        assert store.stats().records == 3
+        assert store.stats().messages == 3
         assert [decode(e.payload)[0].ts for e in store.read(0, 10)] == [1, 4, 5]
     finally:
         store.close()
@@ -193,13 +193,13 @@ def test_messages_interleave_in_order_with_readings(db: Path) -> None:
 def test_stats_count_records_and_bytes(db: Path) -> None:
     async def body(buffer: StoreAndForwardBuffer) -> None:
         empty = await buffer.stats()
-        assert (empty.records, empty.bytes, empty.oldest_ms) == (0, 0, None)
+        assert (empty.messages, empty.bytes, empty.oldest_ms) == (0, 0, None)
         before = time.time_ns() // 1_000_000
         payloads = [(await buffer.add_reading(reading()))[1] for _ in range(3)]
         await buffer.add_message("fl/plant-1/gw-1/status", b"12345")
         after = time.time_ns() // 1_000_000
         stats = await buffer.stats()
-        assert stats.records == 4
+        assert stats.messages == 4
         assert stats.bytes == sum(len(p) for p in payloads) + 5
         assert stats.oldest_ms is not None
         assert before <= stats.oldest_ms <= after
@@ -207,7 +207,7 @@ def test_stats_count_records_and_bytes(db: Path) -> None:
         buffer.accept([entries[0].id])
         await buffer.flush()
         stats = await buffer.stats()
-        assert (stats.records, stats.bytes) == (3, sum(len(p) for p in payloads[1:]) + 5)
+        assert (stats.messages, stats.bytes) == (3, sum(len(p) for p in payloads[1:]) + 5)
         assert buffer.appended_total == 4
 
     with_buffer(db, body)
