@@ -15,11 +15,11 @@ import random
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from cloud.notify.base import Notifier, NotifyFailed
+from fieldlink.sqlite_file import SqliteFile
 
 __all__ = ["Outbox"]
 
@@ -48,60 +48,44 @@ class Outbox:
     def __init__(self, path: Path, notifiers: Mapping[str, Notifier]) -> None:
         self.path = path
         self.notifiers = dict(notifiers)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
-        self._db: sqlite3.Connection | None = None
+        self._file = SqliteFile(path, _SCHEMA, name="outbox")
         self._wake = asyncio.Event()
         self.sent_total = 0
         self.failed_attempts_total = 0
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
     async def open(self) -> None:
-        await self._run(self._open)
-
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        await self._file.open()
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._thread.shutdown(wait=True)
+        await self._file.close()
 
     async def enqueue(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Store (notifier name, rendered payload) pairs durably; returns once committed."""
-        if items:
-            await self._run(self._insert, items)
-            self._wake.set()
-
-    def _insert(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        assert self._db is not None
+        if not items:
+            return
         now = _now_ms()
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO outbox (notifier, payload, created_ms, next_attempt_ms) VALUES (?, ?, ?, ?)",
-                [(name, json.dumps(payload), now, now) for name, payload in items],
-            )
+        rows = [(name, json.dumps(payload), now, now) for name, payload in items]
+
+        def insert(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                db.executemany(
+                    "INSERT INTO outbox (notifier, payload, created_ms, next_attempt_ms) VALUES (?, ?, ?, ?)", rows
+                )
+
+        await self._file.run(insert)
+        self._wake.set()
 
     async def pending(self) -> int:
-        def count() -> int:
-            assert self._db is not None
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-
-        return await self._run(count)
+        return await self._file.run(lambda db: int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]))
 
     # --- the sender ----------------------------------------------------------------------
 
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            rows, next_due = await self._run(self._due, _now_ms())
+            now = _now_ms()
+            rows, next_due = await self._file.run(lambda db, now=now: self._due(db, now))
             for row_id, notifier_name, payload, attempts in rows:
                 await self._attempt(row_id, notifier_name, json.loads(payload), attempts)
             if rows:
@@ -113,13 +97,13 @@ class Outbox:
             except TimeoutError:
                 pass
 
-    def _due(self, now: int) -> tuple[list[tuple[int, str, str, int]], int | None]:
-        assert self._db is not None
-        rows = self._db.execute(
+    @staticmethod
+    def _due(db: sqlite3.Connection, now: int) -> tuple[list[tuple[int, str, str, int]], int | None]:
+        rows = db.execute(
             "SELECT id, notifier, payload, attempts FROM outbox WHERE next_attempt_ms <= ? ORDER BY id LIMIT 50",
             (now,),
         ).fetchall()
-        next_due = self._db.execute("SELECT MIN(next_attempt_ms) FROM outbox").fetchone()[0]
+        next_due = db.execute("SELECT MIN(next_attempt_ms) FROM outbox").fetchone()[0]
         return rows, next_due
 
     async def _attempt(self, row_id: int, notifier_name: str, payload: dict[str, Any], attempts: int) -> None:
@@ -141,9 +125,15 @@ class Outbox:
                     "reason": str(exc),
                 },
             )
-            await self._run(self._reschedule, row_id, attempts, _now_ms() + int(delay * 1000), str(exc))
+            next_ms, error = _now_ms() + int(delay * 1000), str(exc)
+            await self._file.run(
+                lambda db: db.execute(
+                    "UPDATE outbox SET attempts = ?, next_attempt_ms = ?, last_error = ? WHERE id = ?",
+                    (attempts, next_ms, error, row_id),
+                )
+            )
             return
-        await self._run(self._delete, row_id)
+        await self._file.run(lambda db: db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)))
         self.sent_total += 1
         log.info("notification sent", extra={"notifier": notifier_name, "subject": payload.get("subject")})
 
@@ -153,14 +143,3 @@ class Outbox:
             # Removed from the config while notifications were queued: keep them for when it returns.
             raise NotifyFailed(f"notifier {name!r} is not configured", permanent=True)
         await notifier.send(payload)
-
-    def _reschedule(self, row_id: int, attempts: int, next_ms: int, error: str) -> None:
-        assert self._db is not None
-        self._db.execute(
-            "UPDATE outbox SET attempts = ?, next_attempt_ms = ?, last_error = ? WHERE id = ?",
-            (attempts, next_ms, error, row_id),
-        )
-
-    def _delete(self, row_id: int) -> None:
-        assert self._db is not None
-        self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,))

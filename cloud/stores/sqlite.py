@@ -7,11 +7,9 @@ which lets the demo and the tests count records by (gateway, device, seq).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sqlite3
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +17,7 @@ from typing import Any, Literal
 from cloud.stores.base import StoreUnavailable
 from cloud.stores.registry import register_store
 from fieldlink.configkit import Schema
+from fieldlink.sqlite_file import SqliteFile
 from fieldlink.wire import Quality, Record
 
 __all__ = ["Point", "SqliteStore", "SqliteStoreConfig", "query_points"]
@@ -56,21 +55,10 @@ class SqliteStore:
     def __init__(self, config: SqliteStoreConfig, cloud_config: Any = None) -> None:
         state_dir = getattr(getattr(cloud_config, "cloud", None), "state_dir", Path("."))
         self.path = state_dir / config.path
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._db: sqlite3.Connection | None = None
-
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        self._file = SqliteFile(self.path, _SCHEMA, name="sqlite-store")
 
     async def open(self) -> None:
-        await self._run(self._open)
-
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        await self._file.open()
 
     async def write(self, records: Sequence[Record]) -> None:
         rows = [
@@ -81,21 +69,18 @@ class SqliteStore:
         ]
         if rows:
             try:
-                await self._run(self._write_rows, rows)
+                await self._file.run(lambda db: _write_rows(db, rows))
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"sqlite store: {exc}") from None
 
-    def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
-        assert self._db is not None
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-
     async def close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._thread.shutdown(wait=True)
+        await self._file.close()
+
+
+def _write_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    with db:
+        db.execute("BEGIN")
+        db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 from fieldlink.mqtt import ConnectFailed, MqttConnection, MqttSettings
 from fieldlink.snapshot import LAST_HEALTH_FILE, read_snapshot
+from gateway.buffer.sqlite_store import produced_records
 
 __all__ = ["DemoError", "run_demo"]
 
@@ -151,16 +152,6 @@ async def _wait_port(part: _Part, port: int) -> None:
     raise DemoError(f"{part.name} did not listen on port {port} within {PROCESS_START_TIMEOUT:g}s; log {part.log}")
 
 
-def _produced(gateway_db: Path) -> set[tuple[str, int]]:
-    """Every (device, seq) the gateway handed out: its sequence table says how many per device."""
-    db = sqlite3.connect(f"file:{gateway_db}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT device, last_seq FROM sequences").fetchall()
-    finally:
-        db.close()
-    return {(device, seq) for device, last in rows for seq in range(1, last + 1)}
-
-
 def _stored(store_db: Path) -> tuple[set[tuple[str, int]], int]:
     """(device, seq) of every record in the cloud's store, and the number of points (records with values)."""
     if not store_db.exists():
@@ -258,7 +249,7 @@ class _Demo:
         """Gateway first (it drains into the cloud), then the cloud once it stored everything."""
         print("stopping: gateway (drains its buffer) ...", file=sys.stderr)
         self.exit_codes["gateway"] = await self.gateway.stop()
-        produced = _produced(self.workdir / "gateway" / "buffer.db")
+        produced = produced_records(self.workdir / "gateway" / "buffer.db")
         store_db = self.workdir / "cloud" / "points.db"
         deadline = time.monotonic() + CLOUD_CATCH_UP_TIMEOUT
         stored, points = _stored(store_db)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BufferStats", "Entry", "NewMessage", "SqliteStore", "StoreCorrupt"]
+__all__ = ["BufferStats", "Entry", "NewMessage", "SqliteStore", "StoreCorrupt", "produced_records"]
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +189,19 @@ class SqliteStore:
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MIN(created_ms) FROM messages"
         ).fetchone()
         return BufferStats(int(count), int(size), oldest)
+
+
+def produced_records(path: Path) -> set[tuple[str, int]]:
+    """Every (device, seq) a buffer file has handed out, read-only (works beside a running gateway).
+
+    Sequence numbers are contiguous from 1 per device, so the sequence table says it
+    all; the demo and the tests compare this with what the cloud stored.
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        floor_row = db.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
+        rows = db.execute("SELECT device, last_seq FROM sequences").fetchall()
+    finally:
+        db.close()
+    floor = 0 if floor_row is None else int(floor_row[0])
+    return {(device, seq) for device, last in rows for seq in range(floor + 1, last + 1)}

@@ -8,10 +8,10 @@ the clear level (78) three seconds later.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from fieldlink.wire import Record, Topic, TopicKind, WireError, decode
+from gateway.buffer.sqlite_store import produced_records
 from tests.rig import ProbeMessage
 
 SITE = "plant-t"
@@ -152,12 +152,7 @@ kind = "sqlite"
 
 def produced(gateway_state: Path) -> set[tuple[str, int]]:
     """Every (device, seq) the gateway handed out, from its buffer's sequence table."""
-    db = sqlite3.connect(f"file:{gateway_state / 'buffer.db'}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT device, last_seq FROM sequences").fetchall()
-    finally:
-        db.close()
-    return {(device, seq) for device, last in rows for seq in range(1, last + 1)}
+    return produced_records(gateway_state / "buffer.db")
 
 
 def wire_records(messages: list[ProbeMessage]) -> dict[tuple[str, int], Record]:
