@@ -131,9 +131,9 @@ class IngestPipeline:
         """
         try:
             await self._write_with_retry(records)
-        except StoreRejected:
+        except StoreRejected as exc:
             if len(records) == 1:
-                self._rejected(records[0], "refused")
+                self._rejected(records[0], str(exc))
                 return []
         else:
             return list(records)

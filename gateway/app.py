@@ -58,6 +58,7 @@ class GatewayApp:
         self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
         self.local_rejected_total = 0
         self.readings_dropped = 0  # could not be buffered (disk full, I/O error)
+        self.states_dropped = 0
         self.device_states: dict[str, DeviceState] = {}
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
@@ -68,10 +69,10 @@ class GatewayApp:
     async def submit_reading(self, reading: Reading) -> None:
         try:
             _, payload = await self.buffer.add_reading(reading)
-        except BufferError as exc:
-            # Disk full or failing: the reading is lost. Counted and reported; polling goes on.
+        except BufferError:
+            # Disk full or failing: the reading is lost. Counted (health: readings_dropped) and
+            # reported by the buffer once per episode; polling goes on.
             self.readings_dropped += 1
-            log.error("reading dropped: buffer write failed", extra={"device": reading.device, "reason": str(exc)})
             return
         self.records_buffered += 1
         if self.broker is not None:
@@ -85,8 +86,8 @@ class GatewayApp:
         # Through the buffer, so the cloud sees state changes in order with the data.
         try:
             await self.buffer.add_message(status_topic, payload, retain=True)
-        except BufferError as exc:
-            log.error("device state not buffered", extra={"device": device, "reason": str(exc)})
+        except BufferError:
+            self.states_dropped += 1  # reported by the buffer, once per episode
         if self.broker is not None:
             await self.broker.publish(status_topic, payload, retain=True)
 
@@ -117,9 +118,8 @@ class GatewayApp:
                 reading = Reading(parsed.device or record.device, record.ts, record.values)
                 try:
                     await self.buffer.add_reading(reading)
-                except BufferError as exc:
-                    self.readings_dropped += 1
-                    log.error("local reading dropped: buffer write failed", extra={"reason": str(exc)})
+                except BufferError:
+                    self.readings_dropped += 1  # reported by the buffer, once per episode
                     continue
                 self.records_buffered += 1
 
@@ -139,6 +139,8 @@ class GatewayApp:
             "messages_delivered": self.uplink.delivered_total,
             "local_rejected": self.local_rejected_total,
             "readings_dropped": self.readings_dropped,
+            "states_dropped": self.states_dropped,
+            "buffer_write_failures": self.buffer.write_failures,
             "buffer": {
                 "messages": stats.messages,
                 "bytes": stats.bytes,

@@ -25,6 +25,10 @@ __all__ = ["InfluxDBConfig", "InfluxDBStore"]
 log = logging.getLogger(__name__)
 
 
+# Answers that mean "this data is wrong": malformed line, field type conflict, too large.
+_BAD_DATA = frozenset({400, 413, 422})
+
+
 class InfluxDBConfig(Schema):
     kind: Literal["influxdb"]
     url: str
@@ -67,8 +71,10 @@ class InfluxDBStore:
                 write_precision=WritePrecision.MS,
             )
         except ApiException as exc:
-            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+            if exc.status in _BAD_DATA:
                 raise StoreRejected(f"InfluxDB refused the write ({exc.status}): {exc.body or exc.reason}") from None
+            # 401/403/404 (token, org, bucket) are configuration problems: keep the data and retry
+            # until an operator fixes them, as for 429 and 5xx.
             retry_after = None
             if exc.headers and exc.headers.get("Retry-After", "").isdigit():
                 retry_after = float(exc.headers["Retry-After"])

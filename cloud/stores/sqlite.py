@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cloud.stores.base import StoreUnavailable
+from cloud.stores.base import StoreRejected, StoreUnavailable
 from cloud.stores.registry import register_store
 from fieldlink.configkit import Schema
 from fieldlink.sqlite_file import SqliteFile
 from fieldlink.wire import Quality, Record
 
 __all__ = ["Point", "SqliteStore", "SqliteStoreConfig", "query_points"]
+
+_INT64_MAX = 2**63 - 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
@@ -37,6 +39,21 @@ CREATE TABLE IF NOT EXISTS points (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS points_by_time ON points (ts);
 """
+
+
+def _storable(value: object) -> object:
+    # The wire allows uint64; SQLite integers are signed 64-bit. Larger values are kept as text.
+    if isinstance(value, int) and not isinstance(value, bool) and value > _INT64_MAX:
+        return str(value)
+    return value
+
+
+def _typed(value: object, kind: str) -> object:
+    if kind == "bool":
+        return bool(value)
+    if kind == "int" and isinstance(value, str):
+        return int(value)
+    return value
 
 
 def _finite(value: object) -> bool:
@@ -62,7 +79,7 @@ class SqliteStore:
 
     async def write(self, records: Sequence[Record]) -> None:
         rows = [
-            (r.site, r.gateway, r.device, name, r.ts, v.value, v.type.value, v.unit, r.seq)
+            (r.site, r.gateway, r.device, name, r.ts, _storable(v.value), v.type.value, v.unit, r.seq)
             for r in records
             for name, v in r.values.items()
             if v.quality is Quality.GOOD and v.value is not None and _finite(v.value)
@@ -70,6 +87,8 @@ class SqliteStore:
         if rows:
             try:
                 await self._file.run(lambda db: _write_rows(db, rows))
+            except OverflowError as exc:  # a seq or ts beyond SQLite's 64-bit signed integers
+                raise StoreRejected(f"sqlite store: {exc}") from None
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"sqlite store: {exc}") from None
 
@@ -124,7 +143,7 @@ def query_points(
         ).fetchall()
     finally:
         db.close()
-    return [Point(*row[:5], bool(row[5]) if row[6] == "bool" else row[5], *row[6:]) for row in rows]
+    return [Point(*row[:5], _typed(row[5], row[6]), *row[6:]) for row in rows]
 
 
 register_store("sqlite", SqliteStoreConfig, SqliteStore)

@@ -60,6 +60,7 @@ class StoreAndForwardBuffer:
         self.appended_total = 0
         self.accepted_total = 0
         self.recovered_from: Path | None = None
+        self.write_failures = 0  # consecutive failed commits (disk full, I/O error)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -159,11 +160,17 @@ class StoreAndForwardBuffer:
             try:
                 await self._commit(batch, accepted)
             except Exception as exc:  # disk full, I/O error: report, keep running
-                log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
+                self.write_failures += 1
+                if self.write_failures == 1:  # once per episode, not once per reading
+                    log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
                 self._accepted[:0] = accepted  # retry the deletes with the next commit
                 for pending in batch:
                     if not pending.done.done():
                         pending.done.set_exception(BufferError(str(exc)))
+            else:
+                if self.write_failures:
+                    log.warning("buffer writes again", extra={"failed_commits": self.write_failures})
+                    self.write_failures = 0
             if not self._queue and not self._accepted:
                 self._idle.set()
 

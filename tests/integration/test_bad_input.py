@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
 import time
 from pathlib import Path
 
 import paho.mqtt.publish as mqtt_publish
 
-from fieldlink.wire import Encoding, Record, Value, encode_record
+from fieldlink.wire import Encoding, Record, Value, encode_batch, encode_record
 from tests.integration.fleet import (
     GATEWAY,
     SITE,
@@ -20,7 +22,7 @@ from tests.integration.fleet import (
     wire_records,
 )
 from tests.rig import Mosquitto, MqttProbe, SmtpSink, free_port
-from tests.rig.programs import Programs
+from tests.rig.programs import BIN, Programs
 
 HEALTH = f"fl/{SITE}/{GATEWAY}/health"
 
@@ -164,3 +166,60 @@ def test_local_apps_publish_through_the_gateway_buffer(
     assert health["local_rejected"] == 1
     assert health["records_buffered"] == 2
     assert gateway.stop() == 0
+
+
+def test_a_record_the_store_refuses_is_skipped_without_stalling_the_rest(
+    programs: Programs, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    cloud = programs.cloud(cloud_toml(tmp_path / "cloud", mosquitto.url, SQLITE_STORE)).start()
+    big = 2**64 - 1  # allowed by the wire; beyond SQLite's signed 64-bit integers
+    records = [
+        _record("boiler-1", 1, 20.0),
+        _record("boiler-1", big, 21.0),  # a seq the store cannot key: refused
+        Record(SITE, GATEWAY, "boiler-1", 2, time.time_ns() // 1_000_000 + 1, {"energy": Value.of(big, "Wh")}),
+    ]
+    with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
+        _cloud_health(probe, lambda h: h["broker"] == "connected")
+        batch = encode_batch(SITE, GATEWAY, records)
+        mqtt_publish.single(f"fl/{SITE}/{GATEWAY}/batch", batch, qos=1, hostname="127.0.0.1", port=mosquitto.port)
+        health = _cloud_health(probe, lambda h: h["records_stored"] + h["records_rejected"] >= 3)
+        assert (health["records_stored"], health["records_rejected"]) == (2, 1)
+    assert cloud.stop() == 0
+    assert "record refused by the store; skipped" in cloud.log()
+    query = subprocess.run(
+        [BIN / "fieldlink-cloud", "query", "--config", str(tmp_path / "programs" / "cloud.toml"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    rows = {(r["seq"], r["metric"]): r["value"] for r in map(json.loads, query.stdout.splitlines())}
+    assert rows == {(1, "temperature"): 20.0, (2, "energy"): big}
+
+
+def _limit_file_size() -> None:
+    # A full disk, for this process only: writes past 256 KiB fail with EFBIG
+    # (Python ignores SIGXFSZ, so the write returns an error instead of killing it).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def test_a_full_disk_drops_readings_with_a_count_and_the_gateway_keeps_running(
+    programs: Programs, tmp_path: Path
+) -> None:
+    modbus_port, local_port = free_port(), free_port()
+    programs.simulator(sim_toml(modbus_port)).start().wait_port(modbus_port)
+    unreachable_cloud = f"mqtt://127.0.0.1:{free_port()}"  # nothing drains the buffer: it only grows
+    gateway = programs.gateway(
+        gateway_toml(tmp_path / "gw", local_port, unreachable_cloud, modbus_source("line", modbus_port, "50ms"))
+    )
+    gateway.start(preexec_fn=_limit_file_size).wait_port(local_port)
+    with MqttProbe("127.0.0.1", local_port, [HEALTH, f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as probe:
+        full = _health(probe.wait_for(lambda ms: any(h["readings_dropped"] > 0 for h in _health(ms)), timeout=30))
+        dropping = next(h for h in full if h["readings_dropped"] > 0)
+        later = _health(probe.wait_for(lambda ms: _health(ms)[-1]["ts"] >= dropping["ts"] + 1000, timeout=10))[-1]
+    assert later["readings_dropped"] > dropping["readings_dropped"], "still polling, still counting"
+    assert later["buffer_write_failures"] > 0
+    assert later["devices"] == {"boiler-1": "online", "meter-1": "online"}
+    assert gateway.running
+    assert gateway.stop() == 0
+    assert gateway.log().count("buffer write failed") == 1, "reported once per episode, not per reading"

@@ -8,7 +8,7 @@ where a clean shutdown matters) or SIGKILL (a crash).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from subprocess import Popen
@@ -30,10 +30,11 @@ class Program:
         self.log_path = log_path
         self.process: Popen[bytes] | None = None
 
-    def start(self) -> Program:
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> Program:
+        """Start the program; ``preexec_fn`` runs in the child first (resource limits)."""
         if self.running:
             raise ServerError(f"{self.name} is already running")
-        self.process = spawn(self.argv, self.log_path)
+        self.process = spawn(self.argv, self.log_path, preexec_fn)
         return self
 
     def wait_port(self, port: int, timeout: float = 20.0) -> None:

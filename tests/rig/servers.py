@@ -111,11 +111,17 @@ def kill_process(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait()
 
 
-def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(argv: list[str], log_path: Path, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
     """Start `argv` with stdout and stderr appended to `log_path` (a restart keeps the history)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"---- starting: {' '.join(argv)}\n".encode())
         log.flush()
         # The child keeps its own copy of the descriptor; ours can be closed now.
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 (tests start processes from the main thread)
+        )
