@@ -35,6 +35,19 @@ from tests.rig import Mosquitto, MqttProbe, SmtpSink, VictoriaMetrics, free_port
 from tests.rig.programs import BIN, Programs
 
 
+class _AnyTimestamp:
+    """Equal to any plausible ms timestamp (after 2020), for comparing state payloads."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int) and other > 1_577_836_800_000
+
+    def __hash__(self) -> int:
+        return 0
+
+
+ANY_TS = _AnyTimestamp()
+
+
 def _cloud_ready(probe: MqttProbe) -> None:
     # The cloud publishes its health only once it is subscribed.
     probe.wait_for(lambda msgs: any(m.topic == "fl-cloud/cloud-t/health" for m in msgs), timeout=20)
@@ -223,3 +236,47 @@ def test_cloud_broker_outage_and_gateway_crash_lose_nothing_and_duplicate_nothin
         timestamps = series["timestamps"]
         assert len(timestamps) == len(set(timestamps)), f"{metric}: a record was stored twice"
         assert len(timestamps) == per_device[device], f"{metric}: every record arrived"
+
+
+def test_gateway_status_last_will_and_sigterm_without_uplink_keeps_the_buffer(
+    programs: Programs, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    modbus_port, local_port = _start_fleet(programs), free_port()
+    state = tmp_path / "gateway"
+    sources = modbus_source("line", modbus_port, "100ms")
+    status_topic = f"fl/{SITE}/{GATEWAY}/status"
+
+    def status(probe: MqttProbe, state_name: str) -> dict:
+        def matches(messages: list) -> bool:
+            last = [m for m in messages if m.topic == status_topic]
+            return bool(last) and json.loads(last[-1].payload)["state"] == state_name
+
+        return json.loads([m for m in probe.wait_for(matches, timeout=15) if m.topic == status_topic][-1].payload)
+
+    with MqttProbe("127.0.0.1", mosquitto.port, [status_topic, f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as probe:
+        # Connected: retained "online". Killed: the broker publishes the last will.
+        first = programs.gateway(gateway_toml(state, local_port, mosquitto.url, sources), name="gw-first")
+        first.start().wait_port(local_port)
+        assert "reason" not in status(probe, "online")
+        assert first.kill() == -9
+        assert status(probe, "offline") == {"state": "offline", "reason": "connection lost"}
+
+        # No uplink at all: SIGTERM exits cleanly at once and keeps every record for the next start.
+        nowhere = f"mqtt://127.0.0.1:{free_port()}"
+        offline = programs.gateway(gateway_toml(state, local_port, nowhere, sources), name="gw-offline")
+        offline.start().wait_port(local_port)
+        with MqttProbe("127.0.0.1", local_port, [f"fl/{SITE}/{GATEWAY}/health"]) as local:
+            local.wait_for(lambda ms: any(json.loads(m.payload)["buffer"]["messages"] >= 20 for m in ms), timeout=15)
+        assert offline.stop() == 0
+        left = json.loads((state / "last-health.json").read_text())["buffer"]["messages"]
+        assert left >= 20
+
+        # The next start (a changed config: the real uplink again) delivers all of it, then leaves cleanly.
+        last = programs.gateway(gateway_toml(state, local_port, mosquitto.url, sources), name="gw-last")
+        last.start().wait_port(local_port)
+        status(probe, "online")
+        expected_before_restart = produced(state)
+        probe.wait_for(lambda ms: expected_before_restart <= set(wire_records(ms)), timeout=20)
+        assert last.stop() == 0
+        assert status(probe, "offline") == {"state": "offline", "ts": ANY_TS, "reason": "shutdown"}
+        assert produced(state) <= set(wire_records(probe.messages)), "the drain at SIGTERM forwarded the rest"
