@@ -47,7 +47,6 @@ class CloudApp:
         self.broker_state = "connecting"
         self._conn: MqttConnection | None = None
         self._started = time.monotonic()
-        self.ready = asyncio.Event()
 
     async def _consume_forever(self) -> None:
         failures = 0
@@ -76,7 +75,6 @@ class CloudApp:
                 "subscribed",
                 extra={"broker": self.mqtt_settings.url, "session_present": conn.session_present},
             )
-            self.ready.set()
             try:
                 await self.pipeline.consume(conn)
             finally:

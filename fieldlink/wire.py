@@ -54,8 +54,6 @@ ROOT: Final = "fl"
 
 TELEMETRY_FILTER: Final = f"{ROOT}/+/+/dev/+/telemetry"
 BATCH_FILTER: Final = f"{ROOT}/+/+/batch"
-GATEWAY_STATUS_FILTER: Final = f"{ROOT}/+/+/status"
-DEVICE_STATUS_FILTER: Final = f"{ROOT}/+/+/dev/+/status"
 
 _U64_MAX: Final = 2**64 - 1
 _I64_MIN: Final = -(2**63)

@@ -62,7 +62,6 @@ class GatewayApp:
         self.device_states: dict[str, DeviceState] = {}
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
-        self.ready = asyncio.Event()
 
     # --- ReadingSink, called by the sources ----------------------------------------------
 
@@ -190,7 +189,6 @@ class GatewayApp:
                 if self.broker is not None:
                     inputs.append(group.create_task(self._local_intake(), name="local-intake"))
                 health = group.create_task(self._health_loop(), name="health")
-                self.ready.set()
                 log.info(
                     "gateway running",
                     extra={"site": self.site, "gateway": self.gateway_id, "sources": len(self.sources)},

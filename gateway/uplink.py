@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from functools import partial
 
 from pydantic import Field
@@ -27,6 +28,8 @@ from fieldlink.wire import Encoding, TopicKind, encode_state, topic
 from gateway.buffer import Entry, StoreAndForwardBuffer
 
 __all__ = ["Uplink", "UplinkConfig"]
+
+READ_AHEAD_WINDOWS = 4
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,12 @@ class Uplink:
         self.connects_total = 0
         self._conn: MqttConnection | None = None
         self._wake = asyncio.Event()
-        buffer.on_commit(self._wake.set)
+        self._new_entries = True  # the buffer committed entries since our last read
+        buffer.on_commit(self._on_commit)
+
+    def _on_commit(self) -> None:
+        self._new_entries = True
+        self._wake.set()
 
     # --- the connection loop -------------------------------------------------------------
 
@@ -103,9 +111,14 @@ class Uplink:
 
     async def _forward(self, conn: MqttConnection) -> None:
         """Keep up to max_inflight entries unacknowledged until the connection ends."""
-        cursor = 0  # highest entry id handed to this connection
+        cursor = 0  # highest entry id read from the buffer for this connection
         in_flight = 0
         window = self.config.max_inflight
+        # Read ahead several windows at a time and top the window up from memory on every
+        # PUBACK: one buffer read per READ_AHEAD_WINDOWS windows, and the socket never idles
+        # (waiting for half a window lets the broker's PUBACKs sit behind Nagle's algorithm).
+        read_ahead: deque[Entry] = deque()
+        more_after_cursor = True  # the last read was full: the buffer may hold more
         conn.closed.add_done_callback(lambda _: self._wake.set())
 
         def acknowledged(entry: Entry, future: asyncio.Future[None]) -> None:
@@ -121,16 +134,20 @@ class Uplink:
             self._wake.clear()
             if conn.closed.done():
                 raise ConnectionLost(conn.closed.result())
-            room = window - in_flight
-            if room > 0:
-                entries = await self.buffer.take(cursor, room)
-                if entries and not conn.closed.done():
-                    for entry in entries:
-                        future = conn.publish(entry.topic, entry.payload, qos=1, retain=entry.retain)
-                        in_flight += 1
-                        future.add_done_callback(partial(acknowledged, entry))
-                        cursor = entry.id
-                    continue
+            if not read_ahead and (more_after_cursor or self._new_entries):
+                self._new_entries = False
+                limit = window * READ_AHEAD_WINDOWS
+                entries = await self.buffer.take(cursor, limit)
+                more_after_cursor = len(entries) == limit
+                if entries:
+                    read_ahead.extend(entries)
+                    cursor = entries[-1].id
+                    continue  # the connection may have closed during the read
+            while read_ahead and in_flight < window:
+                entry = read_ahead.popleft()
+                future = conn.publish(entry.topic, entry.payload, qos=1, retain=entry.retain)
+                in_flight += 1
+                future.add_done_callback(partial(acknowledged, entry))
             await self._wake.wait()
 
     # --- what the rest of the gateway uses -----------------------------------------------

@@ -95,9 +95,6 @@ class ModbusSource:
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
 
-    def requests_per_poll(self, device: str) -> int:
-        return len(self._plans[device])
-
     async def run(self, sink: ReadingSink) -> None:
         try:
             async with asyncio.TaskGroup() as group:
