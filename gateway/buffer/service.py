@@ -201,7 +201,10 @@ class StoreAndForwardBuffer:
         self._deleting.difference_update(accepted)
         self.appended_total += len(messages)
         for pending, result in zip(batch, results, strict=True):
-            pending.done.set_result(result)
+            # A producer cancelled while waiting (a source stopped at shutdown) no longer
+            # wants the answer, but its message is committed: the listeners must hear of it.
+            if not pending.done.done():
+                pending.done.set_result(result)
         if messages:
             for listener in self._listeners:
                 listener()

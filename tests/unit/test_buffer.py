@@ -227,6 +227,26 @@ def test_on_commit_listeners_hear_about_new_entries(db: Path) -> None:
     with_buffer(db, body)
 
 
+def test_a_producer_cancelled_while_waiting_still_gets_its_entry_committed_and_announced(db: Path) -> None:
+    # At shutdown a source is cancelled while it awaits its reading's commit. The reading
+    # is committed all the same; the uplink must hear of it, or the drain stalls on it.
+    calls: list[int] = []
+
+    async def body(buffer: StoreAndForwardBuffer) -> None:
+        buffer.on_commit(lambda: calls.append(1))
+        waiter = asyncio.create_task(buffer.add_reading(reading()))
+        await asyncio.sleep(0)  # the reading is queued for the writer
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await buffer.flush()
+        assert calls == [1]
+        assert buffer.write_failures == 0
+        assert [e.is_record for e in await buffer.take(0, 10)] == [True]
+        assert (await buffer.add_reading(reading(ts=1_700_000_000_001)))[0].seq == 2
+
+    with_buffer(db, body)
+
+
 # --- corruption ---------------------------------------------------------------------------
 
 
