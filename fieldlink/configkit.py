@@ -27,6 +27,7 @@ from fieldlink.wire import check_topic_level
 T = TypeVar("T", bound=BaseModel)
 
 __all__ = [
+    "ByteSize",
     "ConfigError",
     "Duration",
     "Port",
@@ -35,6 +36,7 @@ __all__ = [
     "TopicLevel",
     "check_plugin_kinds",
     "load_config",
+    "parse_byte_size",
     "parse_duration",
 ]
 
@@ -89,6 +91,29 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+_BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$")
+_UNIT_BYTES = {
+    None: 1, "B": 1,
+    "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+}  # fmt: skip
+
+
+def parse_byte_size(value: Any) -> int:
+    """Bytes from ``1048576``, ``"512kB"``, ``"64MB"``, ``"1GiB"`` (kB/MB/GB are powers of 1000)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '64MB' or '1GiB', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _BYTE_SIZE.match(value)):
+        size = round(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
+    else:
+        raise ValueError(f"expected a size such as '64MB' or '1GiB', got {value!r}")
+    if size < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
+    return size
+
+
 def _check_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise ValueError(f"must be 1..65535, got {value}")
@@ -97,6 +122,9 @@ def _check_port(value: int) -> int:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds; accepts numbers and strings with a unit (ms, s, m, h, d)."""
+
+ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
+"""Bytes; accepts integers and strings with a unit (B, kB, MB, GB, KiB, MiB, GiB)."""
 
 Port = Annotated[int, AfterValidator(_check_port)]
 

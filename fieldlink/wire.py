@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -33,6 +33,7 @@ __all__ = [
     "BATCH_FILTER",
     "PROTOCOL_VERSION",
     "TELEMETRY_FILTER",
+    "BatchJoiner",
     "Encoding",
     "Quality",
     "Record",
@@ -262,6 +263,52 @@ def encode_batch(site: str, gateway: str, records: Iterable[Record], encoding: E
         bodies.append(_record_body(record, encoding is Encoding.JSON))
     envelope = {"ver": PROTOCOL_VERSION, "kind": "batch", "site": site, "gw": gateway, "recs": bodies}
     return _pack(envelope, encoding)
+
+
+class BatchJoiner:
+    """Joins encoded record envelopes of one gateway into a batch envelope without decoding them.
+
+    A record envelope is the header fields (ver, kind, site, gw) followed by the four body
+    fields, so its body is the payload minus a prefix that is the same for every record
+    of this gateway; a batch is a header and the list of bodies. That makes replaying a
+    backlog in batches a matter of slicing bytes. A payload without the expected prefix
+    (the other encoding, or another writer) is decoded and re-encoded instead.
+    """
+
+    def __init__(self, site: str, gateway: str, encoding: Encoding = Encoding.MSGPACK) -> None:
+        self.site, self.gateway, self.encoding = site, gateway, encoding
+        if encoding is Encoding.MSGPACK:
+            fields = b"".join(msgpack.packb(x) for x in ("ver", PROTOCOL_VERSION, "kind"))
+            place = b"".join(msgpack.packb(x) for x in ("site", site, "gw", gateway))
+            self._record_prefix = b"\x88" + fields + msgpack.packb("record") + place
+            self._batch_head = b"\x85" + fields + msgpack.packb("batch") + place + msgpack.packb("recs")
+            self._body_start = b"\x84"
+        else:
+            place = f'"site":{json.dumps(site, ensure_ascii=False)},"gw":{json.dumps(gateway, ensure_ascii=False)}'
+            self._record_prefix = f'{{"ver":{PROTOCOL_VERSION},"kind":"record",{place},'.encode()
+            self._batch_head = f'{{"ver":{PROTOCOL_VERSION},"kind":"batch",{place},"recs":['.encode()
+            self._body_start = b"{"
+        self.reencoded = 0  # payloads that needed the slow path
+
+    def body(self, payload: bytes) -> bytes:
+        """The record body of one record envelope, in this joiner's encoding."""
+        if payload.startswith(self._record_prefix):
+            return self._body_start + payload[len(self._record_prefix) :]
+        self.reencoded += 1
+        (record,) = decode(payload)
+        if (record.site, record.gateway) != (self.site, self.gateway):
+            raise WireError(f"record of {record.site}/{record.gateway} in a batch of {self.site}/{self.gateway}")
+        return _pack(_record_body(record, self.encoding is Encoding.JSON), self.encoding)
+
+    def join(self, bodies: Sequence[bytes]) -> bytes:
+        """A batch envelope from record bodies (see :meth:`body`)."""
+        if self.encoding is Encoding.JSON:
+            return self._batch_head + b",".join(bodies) + b"]}"
+        n = len(bodies)
+        count = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536 else None)
+        if count is None:
+            raise WireError(f"a batch holds at most 65535 records, got {n}")
+        return self._batch_head + count + b"".join(bodies)
 
 
 def _unpack(payload: bytes) -> Any:

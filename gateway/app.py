@@ -17,6 +17,7 @@ close; whatever did not drain stays in the buffer for the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from typing import Any
 from fieldlink.embedded_broker import EmbeddedBroker
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
 from fieldlink.wire import Topic, TopicKind, WireError, decode, encode_state, topic
-from gateway.buffer import BufferError, StoreAndForwardBuffer
+from gateway.buffer import BufferError, DropReason, StoreAndForwardBuffer
 from gateway.config import GatewayConfig
 from gateway.sources.base import DeviceState, Reading
 from gateway.sources.registry import build_source
@@ -34,6 +35,8 @@ from gateway.uplink import Uplink
 __all__ = ["GatewayApp"]
 
 log = logging.getLogger(__name__)
+
+LOCAL_INTAKE_CONCURRENCY = 512
 
 
 def _now_ms() -> int:
@@ -45,9 +48,15 @@ class GatewayApp:
         self.config = config
         self.site, self.gateway_id = config.gateway.site, config.gateway.id
         self.buffer = StoreAndForwardBuffer(
-            config.buffer_path, site=self.site, gateway=self.gateway_id, encoding=config.uplink.encoding
+            config.buffer_path,
+            site=self.site,
+            gateway=self.gateway_id,
+            encoding=config.uplink.encoding,
+            config=config.buffer,
         )
-        self.uplink = Uplink(config.uplink, self.buffer, site=self.site, gateway=self.gateway_id)
+        self.uplink = Uplink(
+            config.uplink, self.buffer, site=self.site, gateway=self.gateway_id, on_command=self._relay_command
+        )
         self.broker = (
             EmbeddedBroker(config.local_broker.bind, tap=self._on_local_publish)
             if config.local_broker.enabled
@@ -62,6 +71,7 @@ class GatewayApp:
         self.device_states: dict[str, DeviceState] = {}
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
+        self._rate_mark = (self._started, 0, 0)
 
     # --- ReadingSink, called by the sources ----------------------------------------------
 
@@ -97,36 +107,74 @@ class GatewayApp:
             parsed = Topic.parse(topic_name)
         except WireError:
             return  # not ours: local traffic of other applications
-        if parsed.kind is TopicKind.TELEMETRY and (parsed.site, parsed.gateway) == (
-            self.site,
-            self.gateway_id,
-        ):
+        if (parsed.site, parsed.gateway) != (self.site, self.gateway_id):
+            return
+        if parsed.kind in (TopicKind.TELEMETRY, TopicKind.COMMAND_RESULT):
             self._local_inbox.put_nowait((parsed, payload))
 
     async def _local_intake(self) -> None:
-        while True:
-            parsed, payload = await self._local_inbox.get()
-            try:
-                records = decode(payload)
-            except WireError as exc:
-                self.local_rejected_total += 1
-                log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
-                continue
-            for record in records:
-                # The topic names the device; sequence numbers are ours to give.
-                reading = Reading(parsed.device or record.device, record.ts, record.values)
-                try:
-                    await self.buffer.add_reading(reading)
-                except BufferError:
-                    self.readings_dropped += 1  # reported by the buffer, once per episode
+        # Many buffer writes in flight at once, so that local publishers share group commits.
+        slots = asyncio.Semaphore(LOCAL_INTAKE_CONCURRENCY)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                parsed, payload = await self._local_inbox.get()
+                if parsed.kind is TopicKind.COMMAND_RESULT:
+                    # Command results travel as control messages: evicted only after all telemetry.
+                    await slots.acquire()
+                    self._spawn(tasks, slots, self._buffer_message(str(parsed), payload))
                     continue
-                self.records_buffered += 1
+                try:
+                    records = decode(payload)
+                except WireError as exc:
+                    self.local_rejected_total += 1
+                    log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
+                    continue
+                for record in records:
+                    # The topic names the device; sequence numbers are ours to give.
+                    reading = Reading(parsed.device or record.device, record.ts, record.values)
+                    await slots.acquire()
+                    self._spawn(tasks, slots, self._buffer_local(reading))
+        finally:
+            # Stopping: what is already queued is committed, not abandoned.
+            if tasks:
+                await asyncio.wait(tasks)
+
+    @staticmethod
+    def _spawn(tasks: set[asyncio.Task[None]], slots: asyncio.Semaphore, work: Any) -> None:
+        task = asyncio.create_task(work)
+        tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            slots.release()
+
+        task.add_done_callback(done)
+
+    async def _buffer_local(self, reading: Reading) -> None:
+        try:
+            await self.buffer.add_reading(reading)
+        except BufferError:
+            self.readings_dropped += 1  # counted by reason and reported by the buffer
+            return
+        self.records_buffered += 1
+
+    async def _buffer_message(self, topic_name: str, payload: bytes) -> None:
+        with contextlib.suppress(BufferError):  # counted by reason and reported by the buffer
+            await self.buffer.add_message(topic_name, payload)
+
+    async def _relay_command(self, topic_name: str, payload: bytes) -> None:
+        """A command from the cloud: hand it to the device side through the local broker."""
+        if self.broker is None:
+            raise RuntimeError("no local broker to relay commands to (local_broker.enabled = false)")
+        await self.broker.publish(topic_name, payload)
 
     # --- health ----------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
         stats = await self.buffer.stats()
         now = _now_ms()
+        buffer = self.buffer
         return {
             "ts": now,
             "site": self.site,
@@ -136,23 +184,41 @@ class GatewayApp:
             "records_buffered": self.records_buffered,
             "records_delivered": self.uplink.records_delivered,
             "messages_delivered": self.uplink.delivered_total,
+            "rates": self._rates(),
             "local_rejected": self.local_rejected_total,
             "readings_dropped": self.readings_dropped,
             "states_dropped": self.states_dropped,
-            "buffer_write_failures": self.buffer.write_failures,
+            "buffer_write_failures": buffer.write_failures,
             "buffer": {
+                "durability": buffer.config.durability.value,
                 "messages": stats.messages,
+                "records": stats.records,
                 "bytes": stats.bytes,
+                "max_bytes": buffer.config.max_bytes,
+                "file_bytes": stats.file_bytes,
+                "memory_messages": stats.memory_messages,
+                "spilled": buffer.spilled_total,
                 "oldest_age_s": None if stats.oldest_ms is None else round((now - stats.oldest_ms) / 1000, 1),
             },
-            "uplink": {
-                "state": self.uplink.state,
-                "last_error": self.uplink.last_error,
-                "connects": self.uplink.connects_total,
-            },
+            # Messages that left the buffer without reaching the cloud, by reason.
+            "drops": {reason.value: buffer.drops[reason.value] for reason in DropReason},
+            "control_drops": buffer.control_drops,
+            "uplink": self.uplink.metrics(),
             "devices": {name: state.value for name, state in self.device_states.items()},
-            "last_seq": self.buffer.last_seq(),
+            "last_seq": buffer.last_seq(),
             "sources": {source.name: source.counters() for source in self.sources},
+        }
+
+    def _rates(self) -> dict[str, float]:
+        """Records per second into the buffer and out to the cloud since the last health report."""
+        now = time.monotonic()
+        buffered, delivered = self.buffer.records_appended, self.uplink.records_delivered
+        then, buffered_before, delivered_before = self._rate_mark
+        self._rate_mark = (now, buffered, delivered)
+        elapsed = max(now - then, 1e-3)
+        return {
+            "records_in_per_s": round((buffered - buffered_before) / elapsed, 1),
+            "records_out_per_s": round((delivered - delivered_before) / elapsed, 1),
         }
 
     async def _health_loop(self) -> None:

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field
 
 from fieldlink.configkit import Duration, Problem, Schema, TopicLevel, check_plugin_kinds, load_config
+from gateway.buffer.config import BufferConfig
 from gateway.sources.registry import source_kinds
-from gateway.uplink import UplinkConfig
+from gateway.uplink.config import UplinkConfig
 
 __all__ = ["GatewayConfig", "load_gateway_config"]
 
@@ -40,10 +41,6 @@ class LocalBrokerSection(Schema):
     bind: str = "127.0.0.1:1883"
 
 
-class BufferSection(Schema):
-    path: Path = Path("buffer.db")  # relative paths are under gateway.state_dir
-
-
 class LoggingSection(Schema):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["kv", "json"] = "kv"
@@ -52,7 +49,7 @@ class LoggingSection(Schema):
 class GatewayConfig(Schema):
     gateway: GatewaySection
     local_broker: LocalBrokerSection = LocalBrokerSection()
-    buffer: BufferSection = BufferSection()
+    buffer: BufferConfig = BufferConfig()
     uplink: UplinkConfig = UplinkConfig()
     logging: LoggingSection = LoggingSection()
     sources: list[SourceConfig] = Field(default_factory=list)  # type: ignore[valid-type]

@@ -1,6 +1,17 @@
 """Store-and-forward: nothing bound for the cloud leaves it before the broker acknowledged it."""
 
+from gateway.buffer.config import BufferConfig, DropReason, Durability, Eviction
 from gateway.buffer.service import BufferError, StoreAndForwardBuffer
-from gateway.buffer.sqlite_store import BufferStats, Entry
+from gateway.buffer.sqlite_store import BufferStats, Entry, Priority
 
-__all__ = ["BufferError", "BufferStats", "Entry", "StoreAndForwardBuffer"]
+__all__ = [
+    "BufferConfig",
+    "BufferError",
+    "BufferStats",
+    "DropReason",
+    "Durability",
+    "Entry",
+    "Eviction",
+    "Priority",
+    "StoreAndForwardBuffer",
+]

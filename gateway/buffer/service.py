@@ -1,66 +1,130 @@
 """Store-and-forward buffer as the rest of the gateway sees it (asyncio side).
 
 Everything bound for the cloud enters here first. Readings get their per-device
-sequence number here, in the same transaction that makes them durable, so ``seq``
-is contiguous per device and survives restarts. The uplink takes entries in id
+sequence number here, so ``seq`` is restart-safe. The uplink takes entries in id
 order and ``accept``s each one after its PUBACK; only then is it deleted.
 
-One writer task performs group commit: whatever arrived since the last commit
-(new messages and acknowledged ids alike) goes into one transaction, run on the
-buffer's own thread.
+Two durability modes (``[buffer] durability``):
+
+- ``durable``: a message counts as buffered once its transaction is committed with
+  ``synchronous=FULL``. One writer task performs group commit: whatever arrived since
+  the last commit (new messages and acknowledged ids alike) is one transaction.
+- ``spill``: messages are held in memory and handed to the uplink at once; those not
+  acknowledged within ``spill_after`` (or beyond ``spill_memory`` bytes) are written
+  to disk. A fast uplink means almost no disk writes (SD cards); a power cut loses
+  what was only in memory. Sequence numbers stay restart-safe through reservations
+  written ahead in blocks.
+
+Bounds (``max_bytes``, ``max_age``, ``min_free_disk``) are enforced in the same
+transaction that adds messages: ``drop-oldest`` evicts the oldest telemetry, and
+control messages (status, command results) only once no telemetry is left;
+``reject-new`` refuses new telemetry instead. Every drop is counted by reason.
+
+The newest entries are also kept in memory (the *tail*), so the uplink's live lane
+reads them without touching SQLite; older ones come from the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fieldlink.wire import Encoding, Record, TopicKind, encode_record, topic
-from gateway.buffer.sqlite_store import BufferStats, Entry, NewMessage, SqliteStore
+from gateway.buffer.config import BufferConfig, DropReason, Durability, Eviction
+from gateway.buffer.sqlite_store import (
+    BufferStats,
+    Commit,
+    CommitResult,
+    Entry,
+    NewMessage,
+    Priority,
+    SqliteStore,
+)
 from gateway.sources.base import Reading
 
 __all__ = ["BufferError", "StoreAndForwardBuffer"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+TAIL_ENTRIES = 8192  # durable mode: newest committed entries kept in memory for the live lane
+SEQ_RESERVATION = 10_000  # spill mode: sequence numbers reserved on disk per write, per device
 
 
 class BufferError(Exception):
-    """A write to the buffer failed (disk full, I/O error); the message was not buffered."""
+    """A message was not buffered; ``reason`` says why (a DropReason value)."""
+
+    def __init__(self, message: str, reason: DropReason = DropReason.WRITE_ERROR) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(slots=True)
 class _Pending:
     reading: Reading | None
-    message: NewMessage | None
+    topic: str | None
+    payload: bytes | None
+    retain: bool
+    priority: Priority
     done: asyncio.Future[tuple[Record, bytes] | None]
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class StoreAndForwardBuffer:
-    def __init__(self, path: Path, *, site: str, gateway: str, encoding: Encoding = Encoding.MSGPACK) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        site: str,
+        gateway: str,
+        encoding: Encoding = Encoding.MSGPACK,
+        config: BufferConfig | None = None,
+    ) -> None:
         self.path = path
         self.site, self.gateway, self.encoding = site, gateway, encoding
+        self.config = config or BufferConfig()
+        self.spill = self.config.durability is Durability.SPILL
         self._store = SqliteStore(path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer")
         self._queue: list[_Pending] = []
-        self._accepted: list[int] = []
+        self._accepted: list[int] = []  # acknowledged ids on disk, deleted with the next commit
         self._deleting: set[int] = set()  # acknowledged, delete not yet committed
+        self._tail: dict[int, Entry] = {}  # newest entries, id order; spill mode: not yet on disk
+        self._tail_floor = 0  # every existing entry with id > floor is in the tail
+        self._spilling: set[int] = set()  # spill mode: being written to disk right now
+        self._memory_bytes = 0  # spill mode: bytes only in memory
+        self._next_id = 1
+        self._visible_id = 0  # the uplink may read entries up to here
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._last_seq: dict[str, int] = {}
+        self._reserved_seq: dict[str, int] = {}
         self._seq_floor = 0
+        self._next_expiry = 0.0
         self._listeners: list[Callable[[], None]] = []
         self.appended_total = 0
+        self.records_appended = 0
         self.accepted_total = 0
+        self.spilled_total = 0  # spill mode: messages that had to go to disk
+        self.drops: Counter[str] = Counter()  # messages lost, by DropReason
+        self.control_drops = 0  # of which control messages (status, command results)
         self.recovered_from: Path | None = None
         self.write_failures = 0  # consecutive failed commits (disk full, I/O error)
+        self._bound_reason: DropReason | None = None  # the bound being enforced (logged once per episode)
+        self._count: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._bytes: dict[Priority, int] = dict.fromkeys(Priority, 0)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -74,38 +138,57 @@ class StoreAndForwardBuffer:
             # value they can have reached (one record per millisecond since 1970), and
             # keep that floor in the new file, so the cloud never mistakes new records
             # for replays of old ones, not even after the next restart.
-            await self._run(self._store.set_seq_floor, time.time_ns() // 1_000_000)
+            await self._run(self._store.set_seq_floor, _now_ms())
         self._seq_floor = await self._run(self._store.seq_floor)
         self._last_seq = await self._run(self._store.sequences)
+        self._reserved_seq = dict(self._last_seq)
+        # Totals as of the last commit this (loop) side has seen: consistent with _deleting.
+        self._count, self._bytes = dict(self._store.count), dict(self._store.bytes)
+        max_id = await self._run(self._store.max_id)
+        self._next_id = max_id + 1
+        self._visible_id = self._tail_floor = max_id
         self._writer = asyncio.create_task(self._write_loop(), name="buffer-writer")
         stats = await self.stats()
         log.info(
             "buffer open",
-            extra={"path": str(self.path), "messages": stats.messages, "bytes": stats.bytes},
+            extra={
+                "path": str(self.path),
+                "durability": self.config.durability.value,
+                "messages": stats.messages,
+                "bytes": stats.bytes,
+            },
         )
 
     async def close(self) -> None:
-        """Commit what is queued (appends and acknowledgements), then close the file."""
+        """Commit what is queued (appends and acknowledgements), spill memory, then close the file."""
         if self._writer is not None:
             await self.flush()
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
             self._writer = None
+            if self.spill:
+                with contextlib.suppress(Exception):  # reported by _spill; keep closing
+                    await self._spill(everything=True)
+                    # A clean stop records the true sequence numbers, not the reservations.
+                    await self._run(self._store.write_sequences, self._last_seq)
         await self._run(self._store.close)
         self._thread.shutdown(wait=True)
 
     # --- producers -----------------------------------------------------------------------
 
     async def add_reading(self, reading: Reading) -> tuple[Record, bytes]:
-        """Buffer a reading; once it is on disk, returns the record (with its seq) and its payload."""
-        result = await self._enqueue(_Pending(reading, None, asyncio.get_running_loop().create_future()))
+        """Buffer a reading; once it is buffered, returns the record (with its seq) and its payload."""
+        done = asyncio.get_running_loop().create_future()
+        result = await self._enqueue(_Pending(reading, None, None, False, Priority.TELEMETRY, done))
         assert result is not None
         return result
 
-    async def add_message(self, topic_name: str, payload: bytes, *, retain: bool = False) -> None:
-        """Buffer a non-telemetry message (device status, ...) in order with the rest."""
-        pending = _Pending(None, NewMessage(topic_name, payload, retain), asyncio.get_running_loop().create_future())
-        await self._enqueue(pending)
+    async def add_message(
+        self, topic_name: str, payload: bytes, *, retain: bool = False, priority: Priority = Priority.CONTROL
+    ) -> None:
+        """Buffer a message other than a reading (device status, command result, ...) in order with the rest."""
+        done = asyncio.get_running_loop().create_future()
+        await self._enqueue(_Pending(None, topic_name, payload, retain, priority, done))
 
     async def _enqueue(self, pending: _Pending) -> tuple[Record, bytes] | None:
         if self._writer is None:
@@ -117,33 +200,105 @@ class StoreAndForwardBuffer:
 
     # --- consumer (the uplink) -----------------------------------------------------------
 
+    @property
+    def last_id(self) -> int:
+        """The newest entry the uplink can read now (the boundary between backlog and live)."""
+        return self._visible_id
+
     async def take(self, after_id: int, limit: int) -> list[Entry]:
-        """Up to ``limit`` entries with id > after_id, oldest first, not yet acknowledged."""
-        entries = await self._run(self._store.read, after_id, limit + len(self._deleting))
-        return [e for e in entries if e.id not in self._deleting][:limit]
+        """Up to ``limit`` entries of any class with id > after_id, oldest first, not yet acknowledged."""
+        return await self._take(after_id, limit, lambda e: True, lambda upto, n: self._store.read(after_id, n, upto))
+
+    async def take_backlog(self, after_id: int, upto_id: int, limit: int) -> list[Entry]:
+        """Telemetry with after_id < id <= upto_id: the uplink's backlog lane."""
+        return await self._take(
+            after_id,
+            limit,
+            lambda e: e.id <= upto_id and e.priority is Priority.TELEMETRY,
+            lambda upto, n: self._store.read_backlog(after_id, min(upto, upto_id), n),
+            upto_id,
+        )
+
+    async def take_live(self, after_id: int, boundary: int, limit: int) -> list[Entry]:
+        """Control messages of any age, and everything newer than ``boundary``: the live lane."""
+        return await self._take(
+            after_id,
+            limit,
+            lambda e: e.id > boundary or e.priority is not Priority.TELEMETRY,
+            lambda upto, n: self._store.read_live(after_id, boundary, n, upto),
+        )
+
+    async def _take(
+        self,
+        after_id: int,
+        limit: int,
+        wanted: Callable[[Entry], bool],
+        read_disk: Callable[[int, int], list[Entry]],
+        upto_id: int | None = None,
+    ) -> list[Entry]:
+        result: list[Entry] = []
+        floor = self._tail_floor
+        if after_id < floor:
+            # Below the tail: from SQLite (only up to the floor: newer ones may be only in memory).
+            asked = limit + len(self._deleting)
+            rows: list[Entry] = await self._run(read_disk, floor, asked)
+            result = [e for e in rows if e.id not in self._deleting][:limit]
+            if len(rows) == asked or len(result) >= limit or self._tail_floor != floor:
+                # More may wait on disk, or the tail moved during the read: continue from here next time.
+                return result
+            after_id = floor
+        last = min(self._visible_id, upto_id if upto_id is not None else self._visible_id)
+        # Ids are dense, so walking them from the cursor touches only entries newer than it.
+        for entry_id in range(after_id + 1, last + 1):
+            if len(result) >= limit:
+                break
+            entry = self._tail.get(entry_id)
+            if entry is not None and entry_id not in self._deleting and wanted(entry):
+                result.append(entry)
+        return result
 
     def accept(self, ids: Iterable[int]) -> None:
         """The broker acknowledged these entries; they are deleted with the next commit."""
-        ids = list(ids)
-        self._accepted.extend(ids)
-        self._deleting.update(ids)
-        self.accepted_total += len(ids)
-        self._idle.clear()
-        self._work.set()
+        on_disk: list[int] = []
+        for entry_id in ids:
+            self.accepted_total += 1
+            entry = self._tail.pop(entry_id, None) if self.spill else None
+            if entry is not None and entry_id not in self._spilling:
+                self._memory_bytes -= entry.size  # never reached the disk, never will
+                continue
+            if not self.spill:
+                self._tail.pop(entry_id, None)
+            on_disk.append(entry_id)
+        if on_disk:
+            self._accepted.extend(on_disk)
+            self._deleting.update(on_disk)
+            self._idle.clear()
+            self._work.set()
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed."""
+        """Wait until everything queued so far is committed (spill mode: admitted to memory)."""
         if self._queue or self._accepted or not self._idle.is_set():
             self._work.set()
             await self._idle.wait()
 
     async def stats(self) -> BufferStats:
-        stats: BufferStats = await self._run(self._store.stats)
-        pending_deletes = len(self._deleting)
-        return BufferStats(max(0, stats.messages - pending_deletes), stats.bytes, stats.oldest_ms)
+        store = self._store
+        oldest = await self._run(store.oldest_created_ms)
+        memory = [e for e in self._tail.values() if e.id not in self._spilling] if self.spill else []
+        if oldest is None and memory:
+            oldest = memory[0].created_ms
+        deleting = len(self._deleting)
+        return BufferStats(
+            messages=max(0, sum(self._count.values()) - deleting) + len(memory),
+            records=max(0, self._count[Priority.TELEMETRY] - deleting) + sum(e.is_record for e in memory),
+            bytes=sum(self._bytes.values()) + self._memory_bytes,
+            oldest_ms=oldest,
+            memory_messages=len(memory),
+            file_bytes=store.file_bytes(),
+        )
 
     def on_commit(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` whenever new entries were committed (the uplink wakes up)."""
+        """Call ``listener`` whenever new entries became readable (the uplink wakes up)."""
         self._listeners.append(listener)
 
     def last_seq(self) -> dict[str, int]:
@@ -151,22 +306,37 @@ class StoreAndForwardBuffer:
 
     # --- the writer ----------------------------------------------------------------------
 
+    def _tick(self) -> float:
+        ticks = [60.0]
+        if self.config.max_age is not None:
+            ticks.append(max(1.0, self.config.max_age / 20))
+        if self.spill:
+            ticks.append(max(0.05, self.config.spill_after / 4))
+        return min(ticks)
+
     async def _write_loop(self) -> None:
         while True:
-            await self._work.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._tick()):
+                    await self._work.wait()
             self._work.clear()
             batch, self._queue = self._queue, []
             accepted, self._accepted = self._accepted, []
             try:
-                await self._commit(batch, accepted)
+                if self.spill:
+                    await self._admit_to_memory(batch)
+                    await self._spill(everything=False, accepted=accepted)
+                else:
+                    await self._commit(batch, accepted)
             except Exception as exc:  # disk full, I/O error: report, keep running
                 self.write_failures += 1
                 if self.write_failures == 1:  # once per episode, not once per reading
                     log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
                 self._accepted[:0] = accepted  # retry the deletes with the next commit
-                for pending in batch:
-                    if not pending.done.done():
-                        pending.done.set_exception(BufferError(str(exc)))
+                failed = [p for p in batch if not p.done.done()]
+                self._count_drops(DropReason.WRITE_ERROR, [p.priority for p in failed])
+                for pending in failed:
+                    pending.done.set_exception(BufferError(str(exc)))
             else:
                 if self.write_failures:
                     log.warning("buffer writes again", extra={"failed_commits": self.write_failures})
@@ -174,37 +344,220 @@ class StoreAndForwardBuffer:
             if not self._queue and not self._accepted:
                 self._idle.set()
 
-    async def _commit(self, batch: list[_Pending], accepted: list[int]) -> None:
-        messages: list[NewMessage] = []
-        results: list[tuple[Record, bytes] | None] = []
-        next_seq = dict(self._last_seq)
+    def _build(self, batch: list[_Pending]) -> list[tuple[_Pending, NewMessage, tuple[Record, bytes] | None]]:
+        """Give each pending message its id (and a reading its seq and payload), in arrival order."""
+        now = _now_ms()
+        built = []
         for pending in batch:
             if pending.reading is None:
-                assert pending.message is not None
-                messages.append(pending.message)
-                results.append(None)
-                continue
-            reading = pending.reading
-            seq = max(next_seq.get(reading.device, 0), self._seq_floor) + 1
-            next_seq[reading.device] = seq
-            record = Record(self.site, self.gateway, reading.device, seq, reading.ts, reading.values)
-            payload = encode_record(record, self.encoding)
-            telemetry_topic = topic(TopicKind.TELEMETRY, self.site, self.gateway, reading.device)
-            messages.append(NewMessage(telemetry_topic, payload, device=reading.device, seq=seq))
-            results.append((record, payload))
-        changed_seqs = {d: s for d, s in next_seq.items() if self._last_seq.get(d) != s}
-        if not messages and not accepted:
+                assert pending.topic is not None
+                assert pending.payload is not None
+                message = NewMessage(
+                    self._next_id, pending.topic, pending.payload, pending.retain, pending.priority, now
+                )
+                built.append((pending, message, None))
+            else:
+                reading = pending.reading
+                seq = max(self._last_seq.get(reading.device, 0), self._seq_floor) + 1
+                self._last_seq[reading.device] = seq
+                record = Record(self.site, self.gateway, reading.device, seq, reading.ts, reading.values)
+                payload = encode_record(record, self.encoding)
+                telemetry_topic = topic(TopicKind.TELEMETRY, self.site, self.gateway, reading.device)
+                message = NewMessage(
+                    self._next_id, telemetry_topic, payload, False, Priority.TELEMETRY, now, reading.device, seq
+                )
+                built.append((pending, message, (record, payload)))
+            self._next_id += 1
+        return built
+
+    def _bounds(self, incoming: list[NewMessage]) -> tuple[list[NewMessage], int, DropReason, list[NewMessage]]:
+        """Which new messages fit, and how many bytes to evict for them: (admitted, evict, reason, rejected)."""
+        if not incoming:
+            return incoming, 0, DropReason.MAX_BYTES, []
+        cap, reason = self.config.max_bytes, DropReason.MAX_BYTES
+        stored = sum(self._bytes.values())
+        incoming_bytes = sum(m.size for m in incoming)
+        try:
+            vfs = os.statvfs(self.path.parent)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            free = None
+        if free is not None and free - incoming_bytes < self.config.min_free_disk:
+            # Let the database grow only into what stays above the watermark (it reuses freed pages).
+            disk_cap = stored + max(0, free - self.config.min_free_disk)
+            if disk_cap < cap:
+                cap, reason = disk_cap, DropReason.MIN_FREE_DISK
+        room = cap - stored
+        if incoming_bytes <= room:
+            self._bound_released()
+            return incoming, 0, reason, []
+        self._bound_reached(reason, cap)
+        if self.config.eviction is Eviction.DROP_OLDEST:
+            return incoming, incoming_bytes - room, reason, []
+        # reject-new: telemetry only while it fits; control messages make room by evicting telemetry.
+        admitted, rejected, evict = [], [], 0
+        for message in incoming:
+            if message.size <= room:
+                admitted.append(message)
+                room -= message.size
+            elif message.priority is Priority.CONTROL:
+                admitted.append(message)
+                evict += message.size - max(room, 0)
+                room = 0
+            else:
+                rejected.append(message)
+        return admitted, evict, reason, rejected
+
+    def _bound_reached(self, reason: DropReason, cap: int) -> None:
+        if self._bound_reason is None:
+            log.warning(
+                "buffer full; dropping per policy",
+                extra={"bound": reason.value, "cap_bytes": cap, "eviction": self.config.eviction.value},
+            )
+        self._bound_reason = reason
+
+    def _bound_released(self) -> None:
+        if self._bound_reason is not None:
+            log.info("buffer below its bounds again", extra={"drops": dict(self.drops)})
+            self._bound_reason = None
+
+    def _expiry_due(self) -> int | None:
+        if self.config.max_age is None or time.monotonic() < self._next_expiry:
+            return None
+        self._next_expiry = time.monotonic() + max(1.0, self.config.max_age / 20)
+        return _now_ms() - round(self.config.max_age * 1000)
+
+    def _count_drops(self, reason: DropReason, priorities: Iterable[Priority]) -> None:
+        for priority in priorities:
+            self.drops[reason.value] += 1
+            self.control_drops += priority is Priority.CONTROL
+
+    def _apply_removals(self, result: CommitResult, reason: DropReason) -> None:
+        """Evicted and expired entries: counted, and forgotten by the tail and the uplink."""
+        self._count, self._bytes = result.count, result.bytes
+        for priority, n in result.evicted.items():
+            self.drops[reason.value] += n
+            if priority is Priority.CONTROL:
+                self.control_drops += n
+        self.drops[DropReason.MAX_AGE.value] += result.expired
+        for entry_id in (*result.evicted_ids, *result.expired_ids):
+            self._tail.pop(entry_id, None)
+            self._deleting.discard(entry_id)
+
+    async def _commit(self, batch: list[_Pending], accepted: list[int]) -> None:
+        """Durable mode: one transaction for everything that arrived since the last one."""
+        saved_next_id, saved_seqs = self._next_id, dict(self._last_seq)
+        built = self._build(batch)
+        admitted, evict, reason, rejected = self._bounds([m for _, m, _ in built])
+        rejected_ids = {m.id for m in rejected}
+        if rejected:
+            # Rejected readings must not use up sequence numbers: renumber the admitted ones.
+            self._next_id, self._last_seq = saved_next_id, saved_seqs
+            kept = [(p, m, r) for p, m, r in built if m.id not in rejected_ids]
+            built = self._build([p for p, _, _ in kept])
+            admitted = [m for _, m, _ in built]
+            self._count_drops(reason, [m.priority for m in rejected])
+        expire = self._expiry_due()
+        if not admitted and not accepted and not evict and expire is None:
+            self._fail_rejected(batch, reason)
             return
-        await self._run(self._store.write, messages, changed_seqs, accepted)
-        # Only now, with the transaction committed, do the sequence numbers count as used.
-        self._last_seq = next_seq
+        changed = {m.device: m.seq for m in admitted if m.device is not None and m.seq is not None}
+        plan = Commit(evict, expire, admitted, changed, accepted, durable=bool(admitted))
+        try:
+            result: CommitResult = await self._run(self._store.commit, plan)
+        except BaseException:
+            # Nothing was written: the sequence numbers were not used after all.
+            self._last_seq = saved_seqs
+            raise
         self._deleting.difference_update(accepted)
-        self.appended_total += len(messages)
-        for pending, result in zip(batch, results, strict=True):
+        self._apply_removals(result, reason)
+        self.appended_total += len(admitted)
+        self.records_appended += sum(m.priority is Priority.TELEMETRY for m in admitted)
+        self._publish(admitted)
+        for pending, _, value in built:
             # A producer cancelled while waiting (a source stopped at shutdown) no longer
-            # wants the answer, but its message is committed: the listeners must hear of it.
+            # wants the answer, but its message is committed: the listeners heard of it.
             if not pending.done.done():
-                pending.done.set_result(result)
-        if messages:
-            for listener in self._listeners:
-                listener()
+                pending.done.set_result(value)
+        self._fail_rejected(batch, reason)
+
+    def _fail_rejected(self, batch: list[_Pending], reason: DropReason) -> None:
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_exception(BufferError(f"buffer full ({reason.value}); rejected", reason))
+
+    def _publish(self, messages: list[NewMessage]) -> None:
+        """Make committed (or, in spill mode, admitted) messages readable by the uplink."""
+        if not messages:
+            return
+        for message in messages:
+            self._tail[message.id] = message.entry()
+        self._visible_id = messages[-1].id
+        if not self.spill:
+            while len(self._tail) > TAIL_ENTRIES:
+                oldest = next(iter(self._tail))
+                del self._tail[oldest]
+                self._tail_floor = oldest
+        for listener in self._listeners:
+            listener()
+
+    # --- spill mode ----------------------------------------------------------------------
+
+    async def _admit_to_memory(self, batch: list[_Pending]) -> None:
+        saved_seqs = dict(self._last_seq)
+        built = self._build(batch)
+        short = {d: s + SEQ_RESERVATION for d, s in self._last_seq.items() if s > self._reserved_seq.get(d, 0)}
+        if short:
+            # Reserve sequence numbers on disk before any record using them leaves this process.
+            try:
+                await self._run(self._store.write_sequences, short)
+            except BaseException:
+                self._last_seq = saved_seqs
+                raise
+            self._reserved_seq.update(short)
+        messages = [m for _, m, _ in built]
+        for message in messages:
+            self._memory_bytes += message.size
+        self.appended_total += len(messages)
+        self.records_appended += sum(m.priority is Priority.TELEMETRY for m in messages)
+        self._publish(messages)
+        for pending, _, value in built:
+            if not pending.done.done():
+                pending.done.set_result(value)
+
+    async def _spill(self, *, everything: bool, accepted: list[int] | None = None) -> None:
+        """Write to disk what waited too long for its PUBACK (or overflows memory)."""
+        accepted = accepted or []
+        cutoff = _now_ms() - round(self.config.spill_after * 1000)
+        memory = [e for e in self._tail.values() if e.id not in self._spilling]
+        over = self._memory_bytes - self.config.spill_memory
+        chosen: list[Entry] = []
+        for entry in memory:  # oldest first
+            if not (everything or entry.created_ms <= cutoff or over > 0):
+                break
+            chosen.append(entry)
+            over -= entry.size
+        expire = self._expiry_due()
+        if not chosen and not accepted and expire is None:
+            return
+        incoming = [NewMessage(e.id, e.topic, e.payload, e.retain, e.priority, e.created_ms) for e in chosen]
+        admitted, evict, reason, rejected = self._bounds(incoming)
+        plan = Commit(evict, expire, admitted, {}, accepted, durable=bool(admitted))
+        self._spilling.update(e.id for e in chosen)
+        try:
+            result: CommitResult = await self._run(self._store.commit, plan)
+        except BaseException:
+            self._spilling.difference_update(e.id for e in chosen)
+            raise
+        self._spilling.difference_update(e.id for e in chosen)
+        self._deleting.difference_update(accepted)
+        self._apply_removals(result, reason)
+        self._count_drops(reason, [m.priority for m in rejected])
+        self.spilled_total += len(admitted)
+        for entry in chosen:
+            # Off to disk (or rejected): no longer memory's. Acknowledged meanwhile: already popped.
+            # (One acknowledged during the write was queued for deletion by accept().)
+            self._tail.pop(entry.id, None)
+            self._memory_bytes -= entry.size
+        if chosen:
+            self._tail_floor = max(self._tail_floor, chosen[-1].id)

@@ -16,6 +16,8 @@ from tests.rig import ProbeMessage
 
 SITE = "plant-t"
 GATEWAY = "gw-t"
+# What the gateway sends the cloud broker: single records and batch envelopes.
+CLOUD_DATA_TOPICS = [f"fl/{SITE}/{GATEWAY}/dev/+/telemetry", f"fl/{SITE}/{GATEWAY}/batch"]
 PRESSURE = 1.25  # int16 125 with scale 0.01: exact after rounding
 COUNT = 42  # uint16 without scale: stays an integer field
 

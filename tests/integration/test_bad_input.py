@@ -12,6 +12,7 @@ import paho.mqtt.publish as mqtt_publish
 
 from fieldlink.wire import Encoding, Record, Value, encode_batch, encode_record
 from tests.integration.fleet import (
+    CLOUD_DATA_TOPICS,
     GATEWAY,
     SITE,
     SQLITE_STORE,
@@ -151,7 +152,7 @@ def test_local_apps_publish_through_the_gateway_buffer(
     gateway = programs.gateway(gateway_toml(tmp_path / "gw", local_port, mosquitto.url, sources=""))
     gateway.start().wait_port(local_port)
     topic = f"fl/{SITE}/{GATEWAY}/dev/lab-sensor/telemetry"
-    with MqttProbe("127.0.0.1", mosquitto.port, [f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as cloud_side:
+    with MqttProbe("127.0.0.1", mosquitto.port, CLOUD_DATA_TOPICS) as cloud_side:
         # The local app's own seq is ignored: the gateway numbers records in its buffer.
         envelope = encode_record(_record("lab-sensor", 777, 19.5), Encoding.JSON)
         mqtt_publish.single(topic, envelope, qos=1, hostname="127.0.0.1", port=local_port)

@@ -18,6 +18,7 @@ import pytest
 
 from fieldlink.wire import ValueType
 from tests.integration.fleet import (
+    CLOUD_DATA_TOPICS,
     COUNT,
     GATEWAY,
     PRESSURE,
@@ -253,7 +254,7 @@ def test_gateway_status_last_will_and_sigterm_without_uplink_keeps_the_buffer(
 
         return json.loads([m for m in probe.wait_for(matches, timeout=15) if m.topic == status_topic][-1].payload)
 
-    with MqttProbe("127.0.0.1", mosquitto.port, [status_topic, f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as probe:
+    with MqttProbe("127.0.0.1", mosquitto.port, [status_topic, *CLOUD_DATA_TOPICS]) as probe:
         # Connected: retained "online". Killed: the broker publishes the last will.
         first = programs.gateway(gateway_toml(state, local_port, mosquitto.url, sources), name="gw-first")
         first.start().wait_port(local_port)

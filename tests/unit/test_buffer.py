@@ -148,7 +148,7 @@ def test_accepted_entries_are_never_taken_again(db: Path) -> None:
     store = SqliteStore(db)
     store.open()
     try:
-        assert store.stats().messages == 3
+        assert sum(store.count.values()) == 3
         assert [decode(e.payload)[0].ts for e in store.read(0, 10)] == [1, 4, 5]
     finally:
         store.close()
@@ -199,15 +199,18 @@ def test_stats_count_records_and_bytes(db: Path) -> None:
         await buffer.add_message("fl/plant-1/gw-1/status", b"12345")
         after = time.time_ns() // 1_000_000
         stats = await buffer.stats()
-        assert stats.messages == 4
-        assert stats.bytes == sum(len(p) for p in payloads) + 5
+        assert (stats.messages, stats.records) == (4, 3)
+        telemetry_topic = len("fl/plant-1/gw-1/dev/boiler-1/telemetry")
+        status = len("fl/plant-1/gw-1/status") + 5
+        # The bounds count what a message occupies: its topic and its payload.
+        assert stats.bytes == sum(telemetry_topic + len(p) for p in payloads) + status
         assert stats.oldest_ms is not None
         assert before <= stats.oldest_ms <= after
         entries = await buffer.take(0, 10)
         buffer.accept([entries[0].id])
         await buffer.flush()
         stats = await buffer.stats()
-        assert (stats.messages, stats.bytes) == (3, sum(len(p) for p in payloads[1:]) + 5)
+        assert (stats.messages, stats.bytes) == (3, sum(telemetry_topic + len(p) for p in payloads[1:]) + status)
         assert buffer.appended_total == 4
 
     with_buffer(db, body)

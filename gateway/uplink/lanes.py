@@ -1,0 +1,114 @@
+"""The two lanes the uplink forwards from, and the limits it forwards within.
+
+When a connection comes up, everything already in the buffer is *backlog*; what
+arrives afterwards is *live*. Each lane reads the buffer on its own cursor, in id
+order, and turns consecutive telemetry into batch envelopes. The uplink picks the
+lane that has had less than its share of the bytes so far, so a backlog of days
+drains at full speed while fresh readings still go out within moments.
+
+Control messages (device status, command results) always travel in the live lane,
+in their original order, so an old retained status never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fieldlink.wire import BatchJoiner, TopicKind, topic
+from gateway.buffer import Entry
+
+__all__ = ["Lane", "OutgoingMessage", "RateLimit", "pick_lane"]
+
+
+@dataclass(slots=True)
+class OutgoingMessage:
+    topic: str  # without the uplink's topic prefix
+    payload: bytes
+    retain: bool
+    entries: list[Entry]
+    records: int
+
+
+class Lane:
+    """One cursor over the buffer, a read-ahead queue, and what it has sent."""
+
+    def __init__(self, name: str, weight: float, read: Callable[[int, int], Awaitable[list[Entry]]]) -> None:
+        self.name = name
+        self.weight = weight
+        self._read = read  # (after_id, limit) -> entries
+        self.cursor = 0  # highest id read so far
+        self.ready: deque[Entry] = deque()
+        self.more = True  # the buffer may hold entries past the cursor
+        self.sent_bytes = 0
+        self.sent_messages = 0
+        self.sent_records = 0
+        self.last_sent_created_ms: int | None = None
+
+    async def refill(self, limit: int) -> bool:
+        """Read ahead; returns whether anything new came."""
+        entries = await self._read(self.cursor, limit)
+        self.more = len(entries) == limit
+        if entries:
+            self.ready.extend(entries)
+            self.cursor = entries[-1].id
+        return bool(entries)
+
+    def next_message(self, joiner: BatchJoiner, max_records: int, max_bytes: int) -> OutgoingMessage:
+        """The next message: one control message, one record, or a batch of consecutive records."""
+        first = self.ready.popleft()
+        if not first.is_record or max_records == 1 or not self.ready or not self.ready[0].is_record:
+            return OutgoingMessage(first.topic, first.payload, first.retain, [first], int(first.is_record))
+        entries = [first]
+        size = len(first.payload)
+        while self.ready and len(entries) < max_records:
+            candidate = self.ready[0]
+            if not candidate.is_record or size + len(candidate.payload) > max_bytes:
+                break
+            entries.append(self.ready.popleft())
+            size += len(candidate.payload)
+        if len(entries) == 1:
+            return OutgoingMessage(first.topic, first.payload, False, entries, 1)
+        payload = joiner.join([joiner.body(e.payload) for e in entries])
+        batch_topic = topic(TopicKind.BATCH, joiner.site, joiner.gateway)
+        return OutgoingMessage(batch_topic, payload, False, entries, len(entries))
+
+    def sent(self, message: OutgoingMessage) -> None:
+        self.sent_bytes += len(message.payload)
+        self.sent_messages += 1
+        self.sent_records += message.records
+        self.last_sent_created_ms = message.entries[-1].created_ms
+
+
+def pick_lane(lanes: list[Lane]) -> Lane | None:
+    """The lane with entries ready that is furthest below its share of the bytes sent."""
+    candidates = [lane for lane in lanes if lane.ready]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda lane: lane.sent_bytes / lane.weight)
+
+
+class RateLimit:
+    """A token bucket allowing one second of burst; ``rate`` 0 means unlimited."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate
+        self._stamp = time.monotonic()
+
+    def wait_time(self) -> float:
+        """Seconds until the next message may go (0: now)."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def spend(self, amount: float) -> None:
+        # Going into debt lets a message bigger than one second's allowance through,
+        # and makes the following ones wait for it.
+        if self.rate > 0:
+            self._tokens -= amount
