@@ -40,7 +40,10 @@ class CloudApp:
         self.outbox = Outbox(state_dir / "outbox.db", self.notifiers)
         self.rules = RuleEngine(config.rules)
         dashboard = DashboardPublisher(config.dashboard.prefix) if config.dashboard.enabled else None
-        self.pipeline = IngestPipeline(self.store, self.rules, self.outbox, self.notifiers, dashboard)
+        self.topic_prefix = config.broker.topic_prefix
+        self.pipeline = IngestPipeline(
+            self.store, self.rules, self.outbox, self.notifiers, dashboard, topic_prefix=self.topic_prefix
+        )
         self.broker = EmbeddedBroker(config.broker.bind) if config.broker.embedded else None
         self.mqtt_settings = config.broker.effective()
         self.client_id = config.broker.client_id or f"fieldlink-cloud-{config.cloud.name}"
@@ -55,7 +58,7 @@ class CloudApp:
             conn = MqttConnection(self.mqtt_settings, client_id=self.client_id, clean_session=False, manual_ack=True)
             try:
                 await conn.open()
-                await conn.subscribe([(TELEMETRY_FILTER, 1), (BATCH_FILTER, 1)])
+                await conn.subscribe([(self.topic_prefix + TELEMETRY_FILTER, 1), (self.topic_prefix + BATCH_FILTER, 1)])
             except (ConnectFailed, ConnectionLost) as exc:
                 failures += 1
                 self.broker_state = "disconnected"

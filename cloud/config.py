@@ -18,6 +18,7 @@ from fieldlink.configkit import (
     Problem,
     Schema,
     TopicLevel,
+    TopicPrefix,
     check_plugin_kinds,
     load_config,
 )
@@ -47,10 +48,12 @@ class BrokerSection(MqttSettings):
 
     embedded: bool = False
     bind: str = "127.0.0.1:1883"  # where the embedded broker listens
+    # The gateways' uplink.topic_prefix: subscribed under it, and removed before parsing.
+    topic_prefix: TopicPrefix = ""
 
     def effective(self) -> MqttSettings:
         """Connection settings: an embedded broker is reached on its bind address."""
-        fields = {k: getattr(self, k) for k in MqttSettings.model_fields}
+        fields = {k: getattr(self, k) for k in MqttSettings.model_fields}  # (without topic_prefix)
         if self.embedded:
             fields["url"] = f"mqtt://{self.bind}"
         return MqttSettings(**fields)

@@ -40,9 +40,11 @@ class IngestCounters:
     store_failures: int = 0
 
 
-def _decode_checked(message: Message) -> list[Record]:
+def _decode_checked(message: Message, topic_prefix: str) -> list[Record]:
     """Records of a message, after checking that the envelope matches its topic."""
-    parsed = Topic.parse(message.topic)
+    if not message.topic.startswith(topic_prefix):
+        raise WireError(f"topic {message.topic!r} is outside the prefix {topic_prefix!r}")
+    parsed = Topic.parse(message.topic[len(topic_prefix) :])
     if parsed.kind not in (TopicKind.TELEMETRY, TopicKind.BATCH):
         raise WireError(f"topic {message.topic!r} carries no telemetry")
     records = decode(message.payload)
@@ -62,7 +64,10 @@ class IngestPipeline:
         outbox: Outbox,
         notifiers: dict[str, Notifier],
         dashboard: DashboardPublisher | None,
+        *,
+        topic_prefix: str = "",
     ) -> None:
+        self.topic_prefix = topic_prefix
         self.store = store
         self.rules = rules
         self.outbox = outbox
@@ -93,7 +98,7 @@ class IngestPipeline:
         for message in batch:
             self.counters.messages += 1
             try:
-                records.extend(_decode_checked(message))
+                records.extend(_decode_checked(message, self.topic_prefix))
             except WireError as exc:
                 # Counted, logged, acknowledged: a bad message must never block the ones behind it.
                 self.counters.bad_messages += 1

@@ -34,6 +34,7 @@ __all__ = [
     "Problem",
     "Schema",
     "TopicLevel",
+    "TopicPrefix",
     "check_plugin_kinds",
     "load_config",
     "parse_byte_size",
@@ -129,6 +130,19 @@ ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 Port = Annotated[int, AfterValidator(_check_port)]
 
 TopicLevel = Annotated[str, AfterValidator(check_topic_level)]
+
+
+def _topic_prefix(prefix: str) -> str:
+    if any(c in prefix for c in "+#\0"):
+        raise ValueError(f"must not contain MQTT wildcards, got {prefix!r}")
+    if prefix.startswith(("/", "$")):
+        raise ValueError(f"must not start with '/' or '$', got {prefix!r}")
+    prefix = prefix.rstrip("/")
+    return f"{prefix}/" if prefix else ""
+
+
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
+"""Levels put in front of every topic on a shared broker (``tenant-a`` becomes ``tenant-a/``)."""
 """A name used as one MQTT topic level (site, gateway, device)."""
 
 

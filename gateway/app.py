@@ -72,6 +72,7 @@ class GatewayApp:
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
         self._rate_mark = (self._started, 0, 0)
+        self.drain_on_stop = True  # off for a config reload: the buffer is kept for the next app anyway
 
     # --- ReadingSink, called by the sources ----------------------------------------------
 
@@ -238,7 +239,7 @@ class GatewayApp:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then shut down in two phases."""
+        """Run until ``stop`` is set, then shut down in two phases (no drain if ``drain_on_stop`` is off)."""
         await self.buffer.open()
         if self.buffer.recovered_from is not None:
             log.error(
@@ -266,7 +267,7 @@ class GatewayApp:
                     task.cancel()
                 if inputs:
                     await asyncio.wait(inputs)
-                drained = await self.uplink.wait_drained(self.config.gateway.drain_timeout)
+                drained = self.drain_on_stop and await self.uplink.wait_drained(self.config.gateway.drain_timeout)
                 remaining = (await self.buffer.stats()).messages
                 log.info("stopping: drain done", extra={"drained": drained, "left_in_buffer": remaining})
                 health.cancel()

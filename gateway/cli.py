@@ -42,14 +42,44 @@ def _check(path: str) -> int:
     return 0
 
 
-async def _serve(config: GatewayConfig) -> None:
+async def _serve(path: str, config: GatewayConfig) -> None:
+    """Run until SIGTERM/SIGINT. SIGHUP reloads the config file: a bad one is reported and ignored."""
     from gateway.app import GatewayApp  # noqa: PLC0415 (keeps check-config free of broker imports)
 
     stop = asyncio.Event()
+    reload = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await GatewayApp(config).serve(stop)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    while True:
+        app_stop = asyncio.Event()
+        app = GatewayApp(config)
+        serving = asyncio.create_task(app.serve(app_stop))
+        while True:
+            waits = [asyncio.create_task(e.wait()) for e in (stop, reload)]
+            await asyncio.wait([serving, *waits], return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+            if serving.done() or stop.is_set():
+                app_stop.set()
+                await serving
+                return
+            reload.clear()
+            try:
+                new_config = load_gateway_config(path)
+            except ConfigError as exc:
+                log.error("config reload refused; running on", extra={"problems": " | ".join(exc.lines())})
+                continue
+            break
+        # The buffer is a file, not part of the config object: stopping without a drain and
+        # starting again on the new config keeps every message (and its sequence numbers).
+        log.info("reloading config", extra={"config": path})
+        app.drain_on_stop = False
+        app_stop.set()
+        await serving
+        config = new_config
+        setup_logging(config.logging.level, config.logging.format)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(exc.lines()), file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.logging.level, args.log_format or config.logging.format)
-    return run_async(_serve(config), log)
+    return run_async(_serve(args.config, config), log)
 
 
 if __name__ == "__main__":

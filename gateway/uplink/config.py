@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from fieldlink.configkit import ByteSize, Duration
+from fieldlink.configkit import ByteSize, Duration, TopicPrefix
 from fieldlink.mqtt import MqttSettings
 from fieldlink.wire import Encoding
 
@@ -28,15 +28,5 @@ class UplinkConfig(MqttSettings):
     max_messages_per_s: float = Field(default=0, ge=0)  # 0: unlimited
     max_bytes_per_s: ByteSize = 0  # 0: unlimited
     # Prepended to every topic on the cloud broker (multi-tenant brokers, ACL namespaces).
-    topic_prefix: str = ""
+    topic_prefix: TopicPrefix = ""
     commands: bool = Field(default=True, description="relay command topics from the cloud to the local broker")
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _valid_prefix(cls, prefix: str) -> str:
-        if any(c in prefix for c in "+#\0"):
-            raise ValueError(f"must not contain MQTT wildcards, got {prefix!r}")
-        if prefix.startswith("/"):
-            raise ValueError(f"must not start with '/', got {prefix!r}")
-        prefix = prefix.rstrip("/")
-        return f"{prefix}/" if prefix else ""
