@@ -333,6 +333,8 @@ class StoreAndForwardBuffer:
                 if self.write_failures == 1:  # once per episode, not once per reading
                     log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
                 self._accepted[:0] = accepted  # retry the deletes with the next commit
+                if self.spill:
+                    self._shed_memory()
                 failed = [p for p in batch if not p.done.done()]
                 self._count_drops(DropReason.WRITE_ERROR, [p.priority for p in failed])
                 for pending in failed:
@@ -524,6 +526,22 @@ class StoreAndForwardBuffer:
         for pending, _, value in built:
             if not pending.done.done():
                 pending.done.set_result(value)
+
+    def _shed_memory(self) -> None:
+        """The disk refuses spills: keep memory bounded by dropping its oldest telemetry."""
+        over = self._memory_bytes - self.config.spill_memory
+        if over <= 0:
+            return
+        dropped = []
+        for entry in list(self._tail.values()):
+            if over <= 0:
+                break
+            if entry.is_record and entry.id not in self._spilling:
+                del self._tail[entry.id]
+                self._memory_bytes -= entry.size
+                over -= entry.size
+                dropped.append(entry.priority)
+        self._count_drops(DropReason.WRITE_ERROR, dropped)
 
     async def _spill(self, *, everything: bool, accepted: list[int] | None = None) -> None:
         """Write to disk what waited too long for its PUBACK (or overflows memory)."""

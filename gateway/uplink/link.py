@@ -82,6 +82,7 @@ class Uplink:
         self._timer: asyncio.TimerHandle | None = None
         self._inflight: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._inflight_bytes = 0
+        self._session = 0
         self._message_rate = RateLimit(config.max_messages_per_s)
         self._byte_rate = RateLimit(config.max_bytes_per_s)
         buffer.on_commit(self._on_commit)
@@ -141,7 +142,13 @@ class Uplink:
         return delay * random.uniform(0.5, 1.0)
 
     async def _relay_commands(self, conn: MqttConnection) -> None:
-        await conn.subscribe([(self.command_filter, 1)])
+        try:
+            await conn.subscribe([(self.command_filter, 1)])
+        except MqttError as exc:
+            # The broker's ACL may not allow it: data must flow regardless, so no commands then.
+            if not isinstance(exc, ConnectionLost):
+                log.warning("no commands from the cloud", extra={"filter": self.command_filter, "error": str(exc)})
+            return
         while True:
             message = await conn.messages.get()
             local_topic = message.topic.removeprefix(self.prefix)
@@ -164,6 +171,7 @@ class Uplink:
         self.lanes = [live, backlog]
         self._inflight.clear()
         self._inflight_bytes = 0
+        self._session += 1  # acknowledgements of an earlier connection no longer count against the window
         read_limit = max(cfg.max_inflight, cfg.batch_max_records) * READ_AHEAD_WINDOWS
         conn.closed.add_done_callback(lambda _: self._wake.set())
 
@@ -204,11 +212,12 @@ class Uplink:
             self._inflight.append((time.monotonic(), future))
             self._inflight_bytes += size
             lane.sent(message)
-            future.add_done_callback(partial(self._acknowledged, message, size))
+            future.add_done_callback(partial(self._acknowledged, self._session, message, size))
         return 0.0
 
-    def _acknowledged(self, message: OutgoingMessage, size: int, future: asyncio.Future[None]) -> None:
-        self._inflight_bytes -= size
+    def _acknowledged(self, session: int, message: OutgoingMessage, size: int, future: asyncio.Future[None]) -> None:
+        if session == self._session:
+            self._inflight_bytes -= size
         if not future.cancelled() and future.exception() is None:
             self.buffer.accept(e.id for e in message.entries)
             self.delivered_total += 1
