@@ -6,7 +6,7 @@ PYTHON   ?= python3
 BIN      := $(VENV)/bin
 DURATION ?=
 # Debian packages the tests talk to (real servers, never mocks).
-TEST_DEBS := mosquitto victoria-metrics
+TEST_DEBS := mosquitto victoria-metrics openssl
 
 .PHONY: demo test lint format install debian-test-deps clean
 

@@ -1,13 +1,22 @@
-"""A private Debian mosquitto instance on a loopback port, as the cloud broker of the tests."""
+"""A private Debian mosquitto instance on a loopback port, as the cloud broker of the tests.
+
+By default: one plain listener, anonymous clients allowed. A test may add a TLS
+listener (`tls=TlsListener(...)`, on a second port: `tls_url`) and require a user
+name and password (`users={"name": "password"}`); both listeners then share the
+same authentication, as mosquitto 2.0 does without `per_listener_settings`.
+"""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.rig.ports import LOOPBACK, free_port, port_accepts
 from tests.rig.servers import (
+    ServerError,
     ensure_port_free,
     kill_process,
     require_binary,
@@ -17,8 +26,30 @@ from tests.rig.servers import (
 )
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener: the broker's certificate, and what it asks of clients."""
+
+    cafile: Path  # CA that client certificates must chain to
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False  # mTLS: refuse clients without a certificate from `cafile`
+    use_identity_as_username: bool = False  # the client certificate's CN becomes the user name
+
+    def config_lines(self) -> list[str]:
+        lines = [
+            f"cafile {self.cafile}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            f"require_certificate {'true' if self.require_certificate else 'false'}",
+        ]
+        if self.use_identity_as_username:
+            lines.append("use_identity_as_username true")
+        return lines
+
+
 class Mosquitto:
-    """`mosquitto -c FILE` in the foreground; `start()` again reuses its port and persistence."""
+    """`mosquitto -c FILE` in the foreground; `start()` again reuses its ports and persistence."""
 
     def __init__(
         self,
@@ -29,9 +60,21 @@ class Mosquitto:
         autosave_on_changes: bool = False,
         extra_conf: str = "",
         start_timeout: float = 10.0,
+        tls: TlsListener | None = None,
+        tls_port: int | None = None,
+        users: Mapping[str, str] | None = None,
+        allow_anonymous: bool | None = None,
     ) -> None:
+        """`allow_anonymous` defaults to true, except with `users` or a certificate-as-user-name listener."""
         self.workdir = workdir
         self.port = port if port is not None else free_port()
+        self.tls = tls
+        self.tls_port = (tls_port if tls_port is not None else free_port()) if tls is not None else None
+        self.users = dict(users) if users is not None else None
+        if allow_anonymous is None:
+            allow_anonymous = users is None and not (tls is not None and tls.use_identity_as_username)
+        self.allow_anonymous = allow_anonymous
+        self.password_path = workdir / "passwd"
         self.persistence = persistence
         self.autosave_on_changes = autosave_on_changes
         self.extra_conf = extra_conf
@@ -46,6 +89,12 @@ class Mosquitto:
         return f"mqtt://{LOOPBACK}:{self.port}"
 
     @property
+    def tls_url(self) -> str:
+        if self.tls_port is None:
+            raise RuntimeError("this mosquitto has no TLS listener: pass tls=TlsListener(...)")
+        return f"mqtts://{LOOPBACK}:{self.tls_port}"
+
+    @property
     def host(self) -> str:
         return LOOPBACK
 
@@ -56,7 +105,7 @@ class Mosquitto:
     def config_text(self) -> str:
         lines = [
             f"listener {self.port} {LOOPBACK}",
-            "allow_anonymous true",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             # As root, mosquitto otherwise drops to user `mosquitto`, which cannot
             # write a persistence folder created by the test (owned by root).
             "user root",
@@ -86,6 +135,11 @@ class Mosquitto:
             ]
         else:
             lines.append("persistence false")
+        if self.users is not None:
+            lines.append(f"password_file {self.password_path}")
+        if self.tls is not None:
+            # Listener options apply to the listener line above them: keep these last.
+            lines += [f"listener {self.tls_port} {LOOPBACK}", *self.tls.config_lines()]
         if self.extra_conf.strip():
             lines += ["# extra_conf", *self.extra_conf.strip().splitlines()]
         return "\n".join(lines) + "\n"
@@ -99,15 +153,39 @@ class Mosquitto:
         if self.persistence:
             self.data_dir.mkdir(exist_ok=True)
         self.conf_path.write_text(self.config_text())
-        ensure_port_free("mosquitto", self.port, self.log_path)
+        if self.users is not None:
+            self._write_password_file()
+        ports = [self.port] if self.tls_port is None else [self.port, self.tls_port]
+        for port in ports:
+            ensure_port_free("mosquitto", port, self.log_path)
         self._proc = spawn([binary, "-c", str(self.conf_path)], self.log_path)
         wait_ready(
             "mosquitto",
             self._proc,
-            lambda: port_accepts(LOOPBACK, self.port),
+            lambda: all(port_accepts(LOOPBACK, port) for port in ports),
             self.log_path,
             self.start_timeout,
         )
+
+    def _write_password_file(self) -> None:
+        """Hash `users` into the password file with Debian's mosquitto_passwd."""
+        assert self.users is not None
+        tool = require_binary("mosquitto_passwd", "mosquitto")
+        self.password_path.unlink(missing_ok=True)
+        for i, (user, password) in enumerate(self.users.items()):
+            # -c creates the file; without it, the user is added to the existing one.
+            create = ["-c"] if i == 0 else []
+            done = subprocess.run(
+                [tool, "-b", *create, str(self.password_path), user, password],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise ServerError(f"mosquitto_passwd failed for user {user!r}: {done.stdout}{done.stderr}")
+        if not self.users:
+            self.password_path.write_text("")  # nobody may log in
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait: a clean shutdown, on which mosquitto saves its persistence file."""
@@ -152,4 +230,5 @@ class Mosquitto:
         return code
 
     def __repr__(self) -> str:
-        return f"Mosquitto(port={self.port}, running={self.running}, log={self.log_path})"
+        tls = f", tls_port={self.tls_port}" if self.tls_port is not None else ""
+        return f"Mosquitto(port={self.port}{tls}, running={self.running}, log={self.log_path})"
