@@ -81,6 +81,8 @@ class CloudConfig(Schema):
 
 def _cross_checks(config: CloudConfig) -> list[Problem]:
     problems: list[Problem] = []
+    if config.broker.embedded and config.broker.tls is not None:
+        problems.append(Problem("broker.tls", "the embedded broker speaks plain MQTT only; remove the table"))
     notifier_names: set[str] = set()
     for i, notifier in enumerate(config.notifiers):
         if notifier.name in notifier_names:

@@ -29,6 +29,7 @@ class DropReason(enum.StrEnum):
     MIN_FREE_DISK = "min_free_disk"
     MAX_AGE = "max_age"
     WRITE_ERROR = "write_error"  # the disk refused the write (full, I/O error)
+    REFUSED = "refused_by_broker"  # an MQTT 5 broker answered the PUBLISH with a failure code (ACL)
 
 
 class BufferConfig(Schema):

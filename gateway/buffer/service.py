@@ -275,6 +275,13 @@ class StoreAndForwardBuffer:
             self._idle.clear()
             self._work.set()
 
+    def discard(self, entries: Iterable[Entry], reason: DropReason) -> None:
+        """Delete entries that will never be delivered (the broker refused them), counting them."""
+        entries = list(entries)
+        self._count_drops(reason, [e.priority for e in entries])
+        self.accept(e.id for e in entries)
+        self.accepted_total -= len(entries)
+
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (spill mode: admitted to memory)."""
         if self._queue or self._accepted or not self._idle.is_set():

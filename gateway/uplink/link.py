@@ -29,9 +29,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection, MqttError, Will
+from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection, MqttError, PublishRefused, Will
 from fieldlink.wire import BatchJoiner, TopicKind, encode_state, topic
-from gateway.buffer import StoreAndForwardBuffer
+from gateway.buffer import DropReason, StoreAndForwardBuffer
 from gateway.uplink.config import UplinkConfig
 from gateway.uplink.lanes import Lane, OutgoingMessage, RateLimit, pick_lane
 
@@ -83,6 +83,7 @@ class Uplink:
         self._inflight: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._inflight_bytes = 0
         self._session = 0
+        self._refused_topics: set[str] = set()
         self._message_rate = RateLimit(config.max_messages_per_s)
         self._byte_rate = RateLimit(config.max_bytes_per_s)
         buffer.on_commit(self._on_commit)
@@ -197,7 +198,9 @@ class Uplink:
     def _send_ready(self, conn: MqttConnection) -> float:
         """Publish while the window allows; returns how long a rate limit wants us to wait."""
         cfg = self.config
-        while len(self._inflight) < cfg.max_inflight and self._inflight_bytes < cfg.max_inflight_bytes:
+        # An MQTT 5 broker may allow fewer unacknowledged messages (Receive Maximum) than we would send.
+        window = min(cfg.max_inflight, conn.max_inflight)
+        while len(self._inflight) < window and self._inflight_bytes < cfg.max_inflight_bytes:
             lane = pick_lane(self.lanes)
             if lane is None:
                 return 0.0
@@ -218,10 +221,18 @@ class Uplink:
     def _acknowledged(self, session: int, message: OutgoingMessage, size: int, future: asyncio.Future[None]) -> None:
         if session == self._session:
             self._inflight_bytes -= size
-        if not future.cancelled() and future.exception() is None:
+        error = None if future.cancelled() else future.exception()
+        if not future.cancelled() and error is None:
             self.buffer.accept(e.id for e in message.entries)
             self.delivered_total += 1
             self.records_delivered += message.records
+        elif isinstance(error, PublishRefused):
+            # An MQTT 5 broker said no (an ACL, a quota): sending it again would get the same
+            # answer on every reconnect forever. Counted as a drop, and said once per topic.
+            self.buffer.discard(message.entries, DropReason.REFUSED)
+            if message.topic not in self._refused_topics:
+                self._refused_topics.add(message.topic)
+                log.error("broker refused a message; dropped", extra={"topic": message.topic, "reason": str(error)})
         self._wake.set()
 
     def _check_acks(self, conn: MqttConnection) -> None:

@@ -138,6 +138,14 @@ def test_broken_gateway_configs(tmp_path: Path, text: str, expected: list[str]) 
                 "notifiers[0].to: list should have at least 1 item after validation, not 0",
             ],
         ),
+        (
+            '[broker]\nembedded = true\nurl = "mqtts://cloud.example"\n[broker.tls]\n',
+            ["broker.tls: the embedded broker speaks plain MQTT only; remove the table"],
+        ),
+        (
+            '[broker]\ntopic_prefix = "tenant/+"\n',
+            ["broker.topic_prefix: must not contain MQTT wildcards, got 'tenant/+'"],
+        ),
     ],
 )
 def test_broken_cloud_configs(tmp_path: Path, text: str, expected: list[str]) -> None:
