@@ -8,7 +8,7 @@ DURATION ?=
 # Debian packages the tests talk to (real servers, never mocks).
 TEST_DEBS := mosquitto victoria-metrics openssl
 
-.PHONY: demo test lint format install debian-test-deps clean
+.PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live
 
 demo: $(VENV)/.installed
 	@$(BIN)/firmware-sim demo $(if $(DURATION),--duration $(DURATION))
@@ -16,6 +16,17 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed debian-test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# Long runs, not part of `make test`: a randomized fault campaign and the two benchmarks.
+# Each prints its figures; the last line is the one to quote.
+chaos: $(VENV)/.installed debian-test-deps
+	$(BIN)/python -m tests.chaos $(if $(DURATION),--duration $(DURATION))
+
+bench-replay: $(VENV)/.installed debian-test-deps
+	$(BIN)/python bench/replay.py
+
+bench-live: $(VENV)/.installed debian-test-deps
+	$(BIN)/python bench/live.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

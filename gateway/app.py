@@ -37,6 +37,7 @@ __all__ = ["GatewayApp"]
 log = logging.getLogger(__name__)
 
 LOCAL_INTAKE_CONCURRENCY = 512
+LOCAL_INBOX_LIMIT = 20_000  # messages from local publishers waiting for the buffer (bounds memory)
 
 
 def _now_ms() -> int:
@@ -66,6 +67,7 @@ class GatewayApp:
         self.readings_published = 0  # polls of our own sources, buffered and published locally
         self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
         self.local_rejected_total = 0
+        self.local_overflow = 0  # local messages dropped because the inbox was full
         self.readings_dropped = 0  # could not be buffered (disk full, I/O error)
         self.states_dropped = 0
         self.device_states: dict[str, DeviceState] = {}
@@ -111,6 +113,12 @@ class GatewayApp:
         if (parsed.site, parsed.gateway) != (self.site, self.gateway_id):
             return
         if parsed.kind in (TopicKind.TELEMETRY, TopicKind.COMMAND_RESULT):
+            if self._local_inbox.qsize() >= LOCAL_INBOX_LIMIT:
+                # amqtt has already acknowledged it: all we can do is count it and say so.
+                self.local_overflow += 1
+                if self.local_overflow == 1 or self.local_overflow % 10_000 == 0:
+                    log.error("local publishers outpace the buffer; dropping", extra={"dropped": self.local_overflow})
+                return
             self._local_inbox.put_nowait((parsed, payload))
 
     async def _local_intake(self) -> None:
@@ -187,6 +195,7 @@ class GatewayApp:
             "messages_delivered": self.uplink.delivered_total,
             "rates": self._rates(),
             "local_rejected": self.local_rejected_total,
+            "local_overflow": self.local_overflow,
             "readings_dropped": self.readings_dropped,
             "states_dropped": self.states_dropped,
             "buffer_write_failures": buffer.write_failures,

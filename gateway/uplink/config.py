@@ -23,6 +23,8 @@ class UplinkConfig(MqttSettings):
     # Replay and catch-up in batch envelopes; 1 sends every record on its own.
     batch_max_records: int = Field(default=1000, ge=1, le=65535)
     batch_max_bytes: ByteSize = Field(default=128_000, ge=256)
+    # Fresh records wait this long for company before they go out: fewer, larger messages.
+    batch_linger: Duration = Field(default=0.005, le=1.0)
     # While a backlog drains, live data gets at least this share of the link.
     live_share: float = Field(default=0.5, gt=0, lt=1)
     max_messages_per_s: float = Field(default=0, ge=0)  # 0: unlimited

@@ -75,6 +75,20 @@ class Lane:
         batch_topic = topic(TopicKind.BATCH, joiner.site, joiner.gateway)
         return OutgoingMessage(batch_topic, payload, False, entries, len(entries))
 
+    def hold(self, now_ms: int, linger_ms: int, max_records: int) -> int:
+        """Milliseconds to wait for more records to batch with (0: send now).
+
+        Only a short run of fresh records waits: anything old enough, a full batch, or a
+        control message goes at once. A few milliseconds turn a stream of single-record
+        messages (each with its own PUBACK) into a few batches.
+        """
+        if not self.ready or linger_ms <= 0:
+            return 0
+        first = self.ready[0]
+        if not first.is_record or len(self.ready) >= max_records:
+            return 0
+        return max(0, first.created_ms + linger_ms - now_ms)
+
     def sent(self, message: OutgoingMessage) -> None:
         self.sent_bytes += len(message.payload)
         self.sent_messages += 1
@@ -82,9 +96,9 @@ class Lane:
         self.last_sent_created_ms = message.entries[-1].created_ms
 
 
-def pick_lane(lanes: list[Lane]) -> Lane | None:
-    """The lane with entries ready that is furthest below its share of the bytes sent."""
-    candidates = [lane for lane in lanes if lane.ready]
+def pick_lane(lanes: list[Lane], held: frozenset[str] = frozenset()) -> Lane | None:
+    """The lane with entries ready (and not held) that is furthest below its share of the bytes sent."""
+    candidates = [lane for lane in lanes if lane.ready and lane.name not in held]
     if not candidates:
         return None
     return min(candidates, key=lambda lane: lane.sent_bytes / lane.weight)

@@ -200,10 +200,14 @@ class Uplink:
         cfg = self.config
         # An MQTT 5 broker may allow fewer unacknowledged messages (Receive Maximum) than we would send.
         window = min(cfg.max_inflight, conn.max_inflight)
+        linger_ms = round(cfg.batch_linger * 1000)
         while len(self._inflight) < window and self._inflight_bytes < cfg.max_inflight_bytes:
-            lane = pick_lane(self.lanes)
+            now_ms = _now_ms()
+            holds = {lane.name: lane.hold(now_ms, linger_ms, cfg.batch_max_records) for lane in self.lanes}
+            lane = pick_lane(self.lanes, frozenset(name for name, ms in holds.items() if ms > 0))
             if lane is None:
-                return 0.0
+                waiting = [ms for ms in holds.values() if ms > 0]
+                return min(waiting) / 1000 if waiting else 0.0
             wait = max(self._message_rate.wait_time(), self._byte_rate.wait_time())
             if wait > 0:
                 return wait
