@@ -207,7 +207,7 @@ class StoreAndForwardBuffer:
 
     async def take(self, after_id: int, limit: int) -> list[Entry]:
         """Up to ``limit`` entries of any class with id > after_id, oldest first, not yet acknowledged."""
-        return await self._take(after_id, limit, lambda e: True, lambda upto, n: self._store.read(after_id, n, upto))
+        return await self._take(after_id, limit, lambda e: True, self._store.read_upto)
 
     async def take_backlog(self, after_id: int, upto_id: int, limit: int) -> list[Entry]:
         """Telemetry with after_id < id <= upto_id: the uplink's backlog lane."""
@@ -215,7 +215,7 @@ class StoreAndForwardBuffer:
             after_id,
             limit,
             lambda e: e.id <= upto_id and e.priority is Priority.TELEMETRY,
-            lambda upto, n: self._store.read_backlog(after_id, min(upto, upto_id), n),
+            lambda after, upto, n: self._store.read_backlog(after, min(upto, upto_id), n),
             upto_id,
         )
 
@@ -225,7 +225,7 @@ class StoreAndForwardBuffer:
             after_id,
             limit,
             lambda e: e.id > boundary or e.priority is not Priority.TELEMETRY,
-            lambda upto, n: self._store.read_live(after_id, boundary, n, upto),
+            lambda after, upto, n: self._store.read_live(after, boundary, n, upto),
         )
 
     async def _take(
@@ -233,19 +233,22 @@ class StoreAndForwardBuffer:
         after_id: int,
         limit: int,
         wanted: Callable[[Entry], bool],
-        read_disk: Callable[[int, int], list[Entry]],
+        read_disk: Callable[[int, int, int], list[Entry]],
         upto_id: int | None = None,
     ) -> list[Entry]:
         result: list[Entry] = []
-        floor = self._tail_floor
-        if after_id < floor:
+        while after_id < (floor := self._tail_floor):
             # Below the tail: from SQLite (only up to the floor: newer ones may be only in memory).
-            asked = limit + len(self._deleting)
-            rows: list[Entry] = await self._run(read_disk, floor, asked)
-            result = [e for e in rows if e.id not in self._deleting][:limit]
-            if len(rows) == asked or len(result) >= limit or self._tail_floor != floor:
-                # More may wait on disk, or the tail moved during the read: continue from here next time.
-                return result
+            # Acknowledged rows not yet deleted are skipped: ask for that many more (only those
+            # past the cursor count, or every read would fetch rows it throws away).
+            asked = limit - len(result) + sum(1 for i in self._deleting if i > after_id)
+            rows: list[Entry] = await self._run(read_disk, after_id, floor, asked)
+            result += [e for e in rows if e.id not in self._deleting][: limit - len(result)]
+            if len(rows) == asked or len(result) >= limit:
+                return result  # more may wait on disk: continue from here next time
+            # Everything up to the floor is read. If the tail moved up during the read (a commit
+            # or a spill), what is between the old and the new floor is on disk now: read on.
+            # (A short answer would tell the lane that nothing more waits.)
             after_id = floor
         last = min(self._visible_id, upto_id if upto_id is not None else self._visible_id)
         # Ids are dense, so walking them from the cursor touches only entries newer than it.
@@ -461,11 +464,15 @@ class StoreAndForwardBuffer:
         rejected_ids = {m.id for m in rejected}
         if rejected:
             # Rejected readings must not use up sequence numbers: renumber the admitted ones.
-            self._next_id, self._last_seq = saved_next_id, saved_seqs
+            # (A copy: saved_seqs must stay as it was in case the commit fails.)
+            self._next_id, self._last_seq = saved_next_id, dict(saved_seqs)
+            refused = [p for p, m, _ in built if m.id in rejected_ids]
             kept = [(p, m, r) for p, m, r in built if m.id not in rejected_ids]
             built = self._build([p for p, _, _ in kept])
             admitted = [m for _, m, _ in built]
             self._count_drops(reason, [m.priority for m in rejected])
+            # Refused now: a commit that then fails must not count them again, as write errors.
+            self._fail_rejected(refused, reason)
         expire = self._expiry_due()
         if not admitted and not accepted and not evict and expire is None:
             self._fail_rejected(batch, reason)
