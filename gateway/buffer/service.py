@@ -56,6 +56,8 @@ __all__ = ["BufferError", "StoreAndForwardBuffer"]
 log = logging.getLogger(__name__)
 
 TAIL_ENTRIES = 8192  # durable mode: newest committed entries kept in memory for the live lane
+DELETE_LINGER = 0.25  # seconds acknowledged deletes wait for an append commit to ride along
+DELETE_BATCH = 20_000  # ... unless this many are waiting
 SEQ_RESERVATION = 10_000  # spill mode: sequence numbers reserved on disk per write, per device
 
 
@@ -97,6 +99,7 @@ class StoreAndForwardBuffer:
         self.spill = self.config.durability is Durability.SPILL
         self._store = SqliteStore(path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer")
+        self._read_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-read")
         self._queue: list[_Pending] = []
         self._accepted: list[int] = []  # acknowledged ids on disk, deleted with the next commit
         self._deleting: set[int] = set()  # acknowledged, delete not yet committed
@@ -108,6 +111,9 @@ class StoreAndForwardBuffer:
         self._visible_id = 0  # the uplink may read entries up to here
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
+        self._flushing = 0  # callers waiting in flush(): deletes do not linger for them
+        self._accepted_since = 0.0
+        self._accepted_bytes = 0  # of the acknowledged entries awaiting deletion, as far as known
         self._writer: asyncio.Task[None] | None = None
         self._last_seq: dict[str, int] = {}
         self._reserved_seq: dict[str, int] = {}
@@ -128,6 +134,9 @@ class StoreAndForwardBuffer:
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._read_thread, fn, *args)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -171,6 +180,7 @@ class StoreAndForwardBuffer:
                     await self._spill(everything=True)
                     # A clean stop records the true sequence numbers, not the reservations.
                     await self._run(self._store.write_sequences, self._last_seq)
+        self._read_thread.shutdown(wait=True)
         await self._run(self._store.close)
         self._thread.shutdown(wait=True)
 
@@ -179,7 +189,15 @@ class StoreAndForwardBuffer:
     async def add_reading(self, reading: Reading) -> tuple[Record, bytes]:
         """Buffer a reading; once it is buffered, returns the record (with its seq) and its payload."""
         done = asyncio.get_running_loop().create_future()
-        result = await self._enqueue(_Pending(reading, None, None, False, Priority.TELEMETRY, done))
+        pending = _Pending(reading, None, None, False, Priority.TELEMETRY, done)
+        if self.spill and not self._queue and self._writer is not None and self._seq_reserved(reading.device):
+            # Spill mode, sequence number already reserved on disk: nothing to wait for, so
+            # admit it here rather than wake the writer task for every reading.
+            ((_, message, value),) = self._build([pending])
+            self._admit([message])
+            assert value is not None
+            return value
+        result = await self._enqueue(pending)
         assert result is not None
         return result
 
@@ -242,7 +260,7 @@ class StoreAndForwardBuffer:
             # Acknowledged rows not yet deleted are skipped: ask for that many more (only those
             # past the cursor count, or every read would fetch rows it throws away).
             asked = limit - len(result) + sum(1 for i in self._deleting if i > after_id)
-            rows: list[Entry] = await self._run(read_disk, after_id, floor, asked)
+            rows: list[Entry] = await self._read(read_disk, after_id, floor, asked)
             result += [e for e in rows if e.id not in self._deleting][: limit - len(result)]
             if len(rows) == asked or len(result) >= limit:
                 return result  # more may wait on disk: continue from here next time
@@ -260,19 +278,28 @@ class StoreAndForwardBuffer:
                 result.append(entry)
         return result
 
-    def accept(self, ids: Iterable[int]) -> None:
-        """The broker acknowledged these entries; they are deleted with the next commit."""
+    def accept(self, acknowledged: Iterable[int | Entry]) -> None:
+        """The broker acknowledged these entries (ids, or the entries); deleted with the next commit.
+
+        Passing entries lets the bounds count their bytes as free at once (acknowledged
+        entries make room before anything is dropped); for bare ids the buffer knows the
+        size only of those still in its in-memory tail.
+        """
         on_disk: list[int] = []
-        for entry_id in ids:
+        for item in acknowledged:
+            entry_id, size = (item.id, item.size) if isinstance(item, Entry) else (item, None)
             self.accepted_total += 1
-            entry = self._tail.pop(entry_id, None) if self.spill else None
-            if entry is not None and entry_id not in self._spilling:
-                self._memory_bytes -= entry.size  # never reached the disk, never will
+            cached = self._tail.pop(entry_id, None)
+            if self.spill and cached is not None and entry_id not in self._spilling:
+                self._memory_bytes -= cached.size  # never reached the disk, never will
                 continue
-            if not self.spill:
-                self._tail.pop(entry_id, None)
+            if size is None and cached is not None:
+                size = cached.size
+            self._accepted_bytes += size or 0
             on_disk.append(entry_id)
         if on_disk:
+            if not self._accepted:
+                self._accepted_since = time.monotonic()
             self._accepted.extend(on_disk)
             self._deleting.update(on_disk)
             self._idle.clear()
@@ -288,12 +315,16 @@ class StoreAndForwardBuffer:
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (spill mode: admitted to memory)."""
         if self._queue or self._accepted or not self._idle.is_set():
-            self._work.set()
-            await self._idle.wait()
+            self._flushing += 1
+            try:
+                self._work.set()
+                await self._idle.wait()
+            finally:
+                self._flushing -= 1
 
     async def stats(self) -> BufferStats:
         store = self._store
-        oldest = await self._run(store.oldest_created_ms)
+        oldest = await self._read(store.oldest_created_ms)
         memory = [e for e in self._tail.values() if e.id not in self._spilling] if self.spill else []
         if oldest is None and memory:
             oldest = memory[0].created_ms
@@ -324,25 +355,43 @@ class StoreAndForwardBuffer:
             ticks.append(max(0.05, self.config.spill_after / 4))
         return min(ticks)
 
+    def _deletes_wait(self) -> float | None:
+        """Seconds acknowledged deletes may still wait to ride along with the next append commit.
+
+        A commit costs page writes however little it carries (SD cards wear by the write),
+        and a late delete costs nothing: acknowledged entries are hidden from the uplink at
+        once. None means commit now.
+        """
+        if self._queue or not self._accepted or self._flushing or len(self._accepted) >= DELETE_BATCH:
+            return None
+        left = self._accepted_since + DELETE_LINGER - time.monotonic()
+        return left if left > 0 else None
+
     async def _write_loop(self) -> None:
         while True:
+            wait = self._tick()
+            lingering = self._deletes_wait()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._tick()):
+                async with asyncio.timeout(wait if lingering is None else min(wait, lingering)):
                     await self._work.wait()
             self._work.clear()
+            if self._deletes_wait() is not None:
+                continue
             batch, self._queue = self._queue, []
             accepted, self._accepted = self._accepted, []
+            freed, self._accepted_bytes = self._accepted_bytes, 0
             try:
                 if self.spill:
                     await self._admit_to_memory(batch)
-                    await self._spill(everything=False, accepted=accepted)
+                    await self._spill(everything=False, accepted=accepted, freed=freed)
                 else:
-                    await self._commit(batch, accepted)
+                    await self._commit(batch, accepted, freed)
             except Exception as exc:  # disk full, I/O error: report, keep running
                 self.write_failures += 1
                 if self.write_failures == 1:  # once per episode, not once per reading
                     log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
                 self._accepted[:0] = accepted  # retry the deletes with the next commit
+                self._accepted_bytes += freed
                 if self.spill:
                     self._shed_memory()
                 failed = [p for p in batch if not p.done.done()]
@@ -382,43 +431,87 @@ class StoreAndForwardBuffer:
             self._next_id += 1
         return built
 
-    def _bounds(self, incoming: list[NewMessage]) -> tuple[list[NewMessage], int, DropReason, list[NewMessage]]:
+    def _bounds(
+        self, incoming: list[NewMessage], freed: int = 0
+    ) -> tuple[list[NewMessage], int, DropReason, list[NewMessage]]:
         """Which new messages fit, and how many bytes to evict for them: (admitted, evict, reason, rejected)."""
         if not incoming:
             return incoming, 0, DropReason.MAX_BYTES, []
-        cap, reason = self.config.max_bytes, DropReason.MAX_BYTES
-        stored = sum(self._bytes.values())
+        stored = sum(self._bytes.values()) - freed  # the commit deletes acknowledged entries first
         incoming_bytes = sum(m.size for m in incoming)
-        try:
-            vfs = os.statvfs(self.path.parent)
-            free = vfs.f_bavail * vfs.f_frsize
-        except OSError:
-            free = None
-        if free is not None and free - incoming_bytes < self.config.min_free_disk:
-            # Let the database grow only into what stays above the watermark (it reuses freed pages).
-            disk_cap = stored + max(0, free - self.config.min_free_disk)
-            if disk_cap < cap:
-                cap, reason = disk_cap, DropReason.MIN_FREE_DISK
-        room = cap - stored
+        cap, reason = self._cap(stored, incoming_bytes)
+        room = cap - stored  # negative after an overshoot: the next commit evicts back under the cap
         if incoming_bytes <= room:
             self._bound_released()
             return incoming, 0, reason, []
         self._bound_reached(reason, cap)
+        telemetry = max(0, self._bytes[Priority.TELEMETRY] - freed)
         if self.config.eviction is Eviction.DROP_OLDEST:
-            return incoming, incoming_bytes - room, reason, []
-        # reject-new: telemetry only while it fits; control messages make room by evicting telemetry.
+            admitted, evict, rejected = self._drop_oldest(incoming, room, telemetry, max(0, stored))
+        else:
+            admitted, evict, rejected = self._reject_new(incoming, room, max(0, stored))
+        return admitted, evict, reason, rejected
+
+    def _cap(self, stored: int, incoming_bytes: int) -> tuple[int, DropReason]:
+        """The bound in force: max_bytes, or less when the disk is short of min_free_disk."""
+        try:
+            vfs = os.statvfs(self.path.parent)
+        except OSError:
+            return self.config.max_bytes, DropReason.MAX_BYTES
+        free = vfs.f_bavail * vfs.f_frsize
+        if free - incoming_bytes < self.config.min_free_disk:
+            # Let the database grow only into what stays above the watermark, and into its own
+            # free pages: a drained file does not shrink, but SQLite reuses its space.
+            disk_cap = stored + self._store.free_page_bytes + max(0, free - self.config.min_free_disk)
+            if disk_cap < self.config.max_bytes:
+                return disk_cap, DropReason.MIN_FREE_DISK
+        return self.config.max_bytes, DropReason.MAX_BYTES
+
+    def _drop_oldest(
+        self, incoming: list[NewMessage], room: int, telemetry: int, stored: int
+    ) -> tuple[list[NewMessage], int, list[NewMessage]]:
+        """Old telemetry makes room; control messages are evicted only for other control messages."""
+        incoming_bytes = sum(m.size for m in incoming)
+        if incoming_bytes - room <= telemetry or self._count[Priority.CONTROL] == 0:
+            # Stored telemetry makes room for all of it, or there is no control message to
+            # protect: admit everything (a batch bigger than the cap overshoots by itself
+            # until the next commit evicts again).
+            return incoming, incoming_bytes - room, []
+        keep: set[int] = set()
+        used = 0
+        for message in incoming:  # control messages first: they outrank telemetry
+            if message.priority is Priority.CONTROL and used + message.size <= room + stored:
+                keep.add(message.id)
+                used += message.size
+        # Then telemetry, newest first: what does not fit are the oldest of the batch.
+        telemetry_budget = room + telemetry - used
+        for message in reversed(incoming):
+            if message.priority is Priority.TELEMETRY and message.size <= telemetry_budget:
+                keep.add(message.id)
+                telemetry_budget -= message.size
+                used += message.size
+        admitted = [m for m in incoming if m.id in keep]
+        return admitted, max(0, used - room), [m for m in incoming if m.id not in keep]
+
+    @staticmethod
+    def _reject_new(
+        incoming: list[NewMessage], room: int, stored: int
+    ) -> tuple[list[NewMessage], int, list[NewMessage]]:
+        """New telemetry only while it fits; a control message evicts telemetry first, then control."""
         admitted, rejected, evict = [], [], 0
         for message in incoming:
             if message.size <= room:
                 admitted.append(message)
                 room -= message.size
-            elif message.priority is Priority.CONTROL:
+                continue
+            need = message.size - max(room, 0)
+            if message.priority is Priority.CONTROL and need <= stored - evict:
                 admitted.append(message)
-                evict += message.size - max(room, 0)
+                evict += need
                 room = 0
             else:
                 rejected.append(message)
-        return admitted, evict, reason, rejected
+        return admitted, evict, rejected
 
     def _bound_reached(self, reason: DropReason, cap: int) -> None:
         if self._bound_reason is None:
@@ -456,11 +549,11 @@ class StoreAndForwardBuffer:
             self._tail.pop(entry_id, None)
             self._deleting.discard(entry_id)
 
-    async def _commit(self, batch: list[_Pending], accepted: list[int]) -> None:
+    async def _commit(self, batch: list[_Pending], accepted: list[int], freed: int) -> None:
         """Durable mode: one transaction for everything that arrived since the last one."""
         saved_next_id, saved_seqs = self._next_id, dict(self._last_seq)
         built = self._build(batch)
-        admitted, evict, reason, rejected = self._bounds([m for _, m, _ in built])
+        admitted, evict, reason, rejected = self._bounds([m for _, m, _ in built], freed)
         rejected_ids = {m.id for m in rejected}
         if rejected:
             # Rejected readings must not use up sequence numbers: renumber the admitted ones.
@@ -531,15 +624,23 @@ class StoreAndForwardBuffer:
                 self._last_seq = saved_seqs
                 raise
             self._reserved_seq.update(short)
-        messages = [m for _, m, _ in built]
+        self._admit([m for _, m, _ in built])
+        for pending, _, value in built:
+            if not pending.done.done():
+                pending.done.set_result(value)
+
+    def _seq_reserved(self, device: str) -> bool:
+        return max(self._last_seq.get(device, 0), self._seq_floor) < self._reserved_seq.get(device, 0)
+
+    def _admit(self, messages: list[NewMessage]) -> None:
+        """Spill mode: into memory, readable by the uplink at once."""
         for message in messages:
             self._memory_bytes += message.size
         self.appended_total += len(messages)
         self.records_appended += sum(m.priority is Priority.TELEMETRY for m in messages)
         self._publish(messages)
-        for pending, _, value in built:
-            if not pending.done.done():
-                pending.done.set_result(value)
+        if self._memory_bytes > self.config.spill_memory:
+            self._work.set()  # over the memory bound: the writer spills the oldest now
 
     def _shed_memory(self) -> None:
         """The disk refuses spills: keep memory bounded by dropping its oldest telemetry."""
@@ -557,7 +658,7 @@ class StoreAndForwardBuffer:
                 dropped.append(entry.priority)
         self._count_drops(DropReason.WRITE_ERROR, dropped)
 
-    async def _spill(self, *, everything: bool, accepted: list[int] | None = None) -> None:
+    async def _spill(self, *, everything: bool, accepted: list[int] | None = None, freed: int = 0) -> None:
         """Write to disk what waited too long for its PUBACK (or overflows memory)."""
         accepted = accepted or []
         cutoff = _now_ms() - round(self.config.spill_after * 1000)
@@ -573,7 +674,7 @@ class StoreAndForwardBuffer:
         if not chosen and not accepted and expire is None:
             return
         incoming = [NewMessage(e.id, e.topic, e.payload, e.retain, e.priority, e.created_ms) for e in chosen]
-        admitted, evict, reason, rejected = self._bounds(incoming)
+        admitted, evict, reason, rejected = self._bounds(incoming, freed)
         plan = Commit(evict, expire, admitted, {}, accepted, durable=bool(admitted))
         self._spilling.update(e.id for e in chosen)
         try:

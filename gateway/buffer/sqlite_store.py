@@ -135,7 +135,7 @@ class BufferStats:
 
 @dataclass(slots=True)
 class Commit:
-    """Everything one transaction does, in this order."""
+    """Everything one transaction does: delete, evict, expire, then append."""
 
     evict_bytes: int = 0  # free at least this many bytes: oldest telemetry first, then control
     expire_before_ms: int | None = None  # delete telemetry created before this
@@ -160,8 +160,14 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        # A second connection for the uplink's reads, used from another thread: in WAL mode it
+        # reads the last committed state while the writer commits, and SQLite releases the
+        # GIL while it works, so replay reads and deletes run side by side on two cores.
+        self._reader: sqlite3.Connection | None = None
         self._synchronous = ""
         # Running totals per priority class, set at open and kept exact from RETURNING clauses.
+        self.free_page_bytes = 0  # unused pages inside the file, as of the last commit
+        self._page_size = 4096
         self.count: dict[Priority, int] = dict.fromkeys(Priority, 0)
         self.bytes: dict[Priority, int] = dict.fromkeys(Priority, 0)
 
@@ -190,6 +196,7 @@ class SqliteStore:
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise StoreCorrupt("quick_check failed")
         db.executescript(_SCHEMA)
+        self._page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         version = SCHEMA_VERSION if row is None else int(row[0])
         if version > SCHEMA_VERSION:
@@ -210,6 +217,9 @@ class SqliteStore:
             (str(SCHEMA_VERSION),),
         )
         db.execute("COMMIT")
+        self._update_free_pages()
+        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._reader.execute("PRAGMA query_only=1")
         if saved is not None:
             for priority, (count, size) in json.loads(saved[0]).items():
                 self.count[Priority(int(priority))], self.bytes[Priority(int(priority))] = count, size
@@ -233,6 +243,10 @@ class SqliteStore:
         return target
 
     def close(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.close()
+            self._reader = None
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 totals = {int(p): (self.count[p], self.bytes[p]) for p in Priority}
@@ -240,6 +254,13 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """For reads only, from the reader thread (see ``SqliteStore.__init__``)."""
+        if self._reader is None:
+            raise RuntimeError("buffer store is not open")
+        return self._reader
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -250,7 +271,7 @@ class SqliteStore:
     # --- the one write path --------------------------------------------------------------
 
     def commit(self, plan: Commit) -> CommitResult:
-        """One transaction: evict, expire, append, record sequence numbers, delete acknowledged ids."""
+        """One transaction: delete acknowledged ids, evict, expire, append, record sequence numbers."""
         db = self.db
         result = CommitResult()
         self._set_synchronous("FULL" if plan.durable or plan.messages or plan.sequences else "NORMAL")
@@ -259,6 +280,15 @@ class SqliteStore:
         size = dict(self.bytes)
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Acknowledged entries go first: the room they free is not to be found by evicting.
+            if plan.delete_ids:
+                rows = db.execute(
+                    f"DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING priority, {_SIZE}",
+                    (json.dumps(plan.delete_ids),),
+                ).fetchall()
+                for priority, n in rows:
+                    count[_PRIORITY[priority]] -= 1
+                    size[_PRIORITY[priority]] -= n
             if plan.evict_bytes > 0:
                 self._evict(plan.evict_bytes, result, count, size)
             if plan.expire_before_ms is not None:
@@ -281,14 +311,6 @@ class SqliteStore:
                     "ON CONFLICT(device) DO UPDATE SET last_seq = excluded.last_seq",
                     plan.sequences.items(),
                 )
-            if plan.delete_ids:
-                rows = db.execute(
-                    f"DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING priority, {_SIZE}",
-                    (json.dumps(plan.delete_ids),),
-                ).fetchall()
-                for priority, n in rows:
-                    count[_PRIORITY[priority]] -= 1
-                    size[_PRIORITY[priority]] -= n
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -296,7 +318,13 @@ class SqliteStore:
             raise
         self.count, self.bytes = count, size
         result.count, result.bytes = dict(count), dict(size)
+        self._update_free_pages()
         return result
+
+    def _update_free_pages(self) -> None:
+        # Space inside the file that SQLite will reuse before it grows the file (min_free_disk).
+        free_pages = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        self.free_page_bytes = int(free_pages) * self._page_size
 
     def _evict(self, needed: int, result: CommitResult, count: dict[Priority, int], size: dict[Priority, int]) -> None:
         freed = 0
@@ -349,7 +377,7 @@ class SqliteStore:
 
     def read(self, after_id: int, limit: int, upto_id: int | None = None) -> list[Entry]:
         """Every class, id order: after_id < id <= upto_id."""
-        rows = self.db.execute(
+        rows = self.reader.execute(
             f"SELECT {_ENTRY_COLUMNS} FROM messages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
             (after_id, _max_id(upto_id), limit),
         ).fetchall()
@@ -361,7 +389,7 @@ class SqliteStore:
 
     def read_backlog(self, after_id: int, upto_id: int, limit: int) -> list[Entry]:
         """Telemetry only, after_id < id <= upto_id: the uplink's backlog lane."""
-        rows = self.db.execute(
+        rows = self.reader.execute(
             f"SELECT {_ENTRY_COLUMNS} FROM messages WHERE id > ? AND id <= ? AND priority = 0 ORDER BY id LIMIT ?",
             (after_id, upto_id, limit),
         ).fetchall()
@@ -369,7 +397,7 @@ class SqliteStore:
 
     def read_live(self, after_id: int, boundary: int, limit: int, upto_id: int | None = None) -> list[Entry]:
         """Control messages of any age and everything above ``boundary``: the live lane."""
-        rows = self.db.execute(
+        rows = self.reader.execute(
             # A compound ORDER BY is a merge of two index walks, so LIMIT stops both early.
             f"SELECT {_ENTRY_COLUMNS} FROM messages WHERE priority > 0 AND id > ? AND id <= ? "
             f"UNION ALL SELECT {_ENTRY_COLUMNS} FROM messages WHERE id > ? AND id <= ? ORDER BY 1 LIMIT ?",
@@ -382,7 +410,7 @@ class SqliteStore:
         return 0 if row is None else int(row[0])
 
     def oldest_created_ms(self) -> int | None:
-        row = self.db.execute("SELECT created_ms FROM messages ORDER BY id LIMIT 1").fetchone()
+        row = self.reader.execute("SELECT created_ms FROM messages ORDER BY id LIMIT 1").fetchone()
         return None if row is None else int(row[0])
 
     def file_bytes(self) -> int:

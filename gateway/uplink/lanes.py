@@ -50,7 +50,8 @@ class Lane:
     async def refill(self, limit: int) -> bool:
         """Read ahead; returns whether anything new came."""
         entries = await self._read(self.cursor, limit)
-        self.more = len(entries) == limit
+        # Only an empty answer means "nothing more": a short one may be cut by the tail moving.
+        self.more = bool(entries)
         if entries:
             self.ready.extend(entries)
             self.cursor = entries[-1].id

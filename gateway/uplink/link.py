@@ -227,7 +227,7 @@ class Uplink:
             self._inflight_bytes -= size
         error = None if future.cancelled() else future.exception()
         if not future.cancelled() and error is None:
-            self.buffer.accept(e.id for e in message.entries)
+            self.buffer.accept(message.entries)
             self.delivered_total += 1
             self.records_delivered += message.records
         elif isinstance(error, PublishRefused):
