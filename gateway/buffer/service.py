@@ -640,6 +640,8 @@ class StoreAndForwardBuffer:
         self.records_appended += sum(m.priority is Priority.TELEMETRY for m in messages)
         self._publish(messages)
         if self._memory_bytes > self.config.spill_memory:
+            if self.write_failures:
+                self._shed_memory()  # the disk refuses spills: memory must not wait for the writer
             self._work.set()  # over the memory bound: the writer spills the oldest now
 
     def _shed_memory(self) -> None:

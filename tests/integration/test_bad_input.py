@@ -18,6 +18,7 @@ from tests.integration.fleet import (
     SQLITE_STORE,
     cloud_toml,
     gateway_toml,
+    health_reports,
     modbus_source,
     sim_toml,
     wire_records,
@@ -26,10 +27,6 @@ from tests.rig import Mosquitto, MqttProbe, SmtpSink, free_port
 from tests.rig.programs import BIN, Programs
 
 HEALTH = f"fl/{SITE}/{GATEWAY}/health"
-
-
-def _health(messages: list) -> list[dict]:
-    return [json.loads(m.payload) for m in messages if m.topic.endswith("/health")]
 
 
 def test_unreachable_modbus_device_goes_offline_with_reason_and_recovers(
@@ -55,7 +52,7 @@ def test_unreachable_modbus_device_goes_offline_with_reason_and_recovers(
 
         # Retries with backoff (200 ms doubling to 1 s), not at the 100 ms poll rate.
         def failures(ms: list) -> list[tuple[int, int]]:
-            return [(h["ts"], h["sources"].get("dead-line", {}).get("connect_failures", 0)) for h in _health(ms)]
+            return [(h["ts"], h["sources"].get("dead-line", {}).get("connect_failures", 0)) for h in health_reports(ms)]
 
         first = failures(probe.wait_for(lambda ms: len(failures(ms)) >= 1, timeout=5))[-1]
         later = failures(probe.wait_for(lambda ms: failures(ms)[-1][0] - first[0] >= 4000, timeout=10))[-1]
@@ -89,10 +86,10 @@ def _record(device: str, seq: int, temperature: float, ts: int | None = None) ->
 
 def _cloud_health(probe: MqttProbe, predicate, timeout: float = 15) -> dict:
     messages = probe.wait_for(
-        lambda ms: any(predicate(h) for h in _health([m for m in ms if m.topic.startswith("fl-cloud/")])),
+        lambda ms: any(predicate(h) for h in health_reports([m for m in ms if m.topic.startswith("fl-cloud/")])),
         timeout=timeout,
     )
-    return next(h for h in reversed(_health(messages)) if predicate(h))
+    return next(h for h in reversed(health_reports(messages)) if predicate(h))
 
 
 def test_malformed_payloads_are_counted_and_skipped(programs: Programs, mosquitto: Mosquitto, tmp_path: Path) -> None:
@@ -162,8 +159,8 @@ def test_local_apps_publish_through_the_gateway_buffer(
     assert sorted(records) == [("lab-sensor", 1), ("lab-sensor", 2)]
     assert records[("lab-sensor", 1)].values["temperature"].value == 19.5
     with MqttProbe("127.0.0.1", local_port, [HEALTH]) as local:
-        fresh = local.wait_for(lambda ms: any(h["records_buffered"] >= 2 for h in _health(ms)), timeout=5)
-        health = _health(fresh)[-1]
+        fresh = local.wait_for(lambda ms: any(h["records_buffered"] >= 2 for h in health_reports(ms)), timeout=5)
+        health = health_reports(fresh)[-1]
     assert health["local_rejected"] == 1
     assert health["records_buffered"] == 2
     assert gateway.stop() == 0
@@ -215,9 +212,13 @@ def test_a_full_disk_drops_readings_with_a_count_and_the_gateway_keeps_running(
     )
     gateway.start(preexec_fn=_limit_file_size).wait_port(local_port)
     with MqttProbe("127.0.0.1", local_port, [HEALTH, f"fl/{SITE}/{GATEWAY}/dev/+/telemetry"]) as probe:
-        full = _health(probe.wait_for(lambda ms: any(h["readings_dropped"] > 0 for h in _health(ms)), timeout=30))
+        full = health_reports(
+            probe.wait_for(lambda ms: any(h["readings_dropped"] > 0 for h in health_reports(ms)), timeout=30)
+        )
         dropping = next(h for h in full if h["readings_dropped"] > 0)
-        later = _health(probe.wait_for(lambda ms: _health(ms)[-1]["ts"] >= dropping["ts"] + 1000, timeout=10))[-1]
+        later = health_reports(
+            probe.wait_for(lambda ms: health_reports(ms)[-1]["ts"] >= dropping["ts"] + 1000, timeout=10)
+        )[-1]
     assert later["readings_dropped"] > dropping["readings_dropped"], "still polling, still counting"
     assert later["buffer_write_failures"] > 0
     assert later["devices"] == {"boiler-1": "online", "meter-1": "online"}

@@ -24,6 +24,7 @@ from tests.integration.fleet import (
     PRESSURE,
     SITE,
     SQLITE_STORE,
+    cloud_ready,
     cloud_toml,
     gateway_toml,
     influx_store,
@@ -47,11 +48,6 @@ class _AnyTimestamp:
 
 
 ANY_TS = _AnyTimestamp()
-
-
-def _cloud_ready(probe: MqttProbe) -> None:
-    # The cloud publishes its health only once it is subscribed.
-    probe.wait_for(lambda msgs: any(m.topic == "fl-cloud/cloud-t/health" for m in msgs), timeout=20)
 
 
 def _start_fleet(programs: Programs) -> int:
@@ -78,7 +74,7 @@ def test_readings_reach_influxdb_dashboard_and_inbox(
     )
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl/#", "dash/#", "fl-cloud/#"]) as probe:
         cloud.start()
-        _cloud_ready(probe)
+        cloud_ready(probe)
         gateway.start().wait_port(local_port)
 
         # The ramp crosses 80 degC and wraps below 78 within seconds: a firing mail, then a resolved one.
@@ -161,7 +157,7 @@ def test_readings_reach_the_embedded_sqlite_store(programs: Programs, mosquitto:
     )
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl/#", "fl-cloud/#"]) as probe:
         cloud.start()
-        _cloud_ready(probe)
+        cloud_ready(probe)
         gateway.start().wait_port(local_port)
         probe.wait_for(lambda m: len(wire_records(m)) >= 12, timeout=20)
         assert gateway.stop() == 0
@@ -208,7 +204,7 @@ def test_cloud_broker_outage_and_gateway_crash_lose_nothing_and_duplicate_nothin
     gateway = programs.gateway(gateway_config)
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
         cloud.start()
-        _cloud_ready(probe)
+        cloud_ready(probe)
     gateway.start().wait_port(local_port)
 
     def wait_local_health(predicate, timeout: float = 20) -> None:

@@ -59,6 +59,13 @@ class Program:
         assert self.process is not None
         return kill_process(self.process)
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` (SIGHUP: reload the config) to the running program."""
+        if not self.running:
+            raise ServerError(f"{self.name} is not running:\n{log_tail(self.log_path)}")
+        assert self.process is not None
+        self.process.send_signal(signum)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -336,7 +336,8 @@ class FaultProxy:
         if link.eof_read[direction] and not link.eof_sent[direction]:
             link.eof_sent[direction] = True
             if writer.can_write_eof():
-                writer.write_eof()  # a half-close, as the sender did
+                with contextlib.suppress(OSError):  # the receiver is gone already (ENOTCONN after its reset)
+                    writer.write_eof()  # a half-close, as the sender did
             if all(link.eof_sent):
                 self._drop(link, reset=False)
 
