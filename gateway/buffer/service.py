@@ -112,6 +112,7 @@ class StoreAndForwardBuffer:
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._flushing = 0  # callers waiting in flush(): deletes do not linger for them
+        self._admitting = False  # spill mode: the writer has given out ids it has not published yet
         self._accepted_since = 0.0
         self._accepted_bytes = 0  # of the acknowledged entries awaiting deletion, as far as known
         self._writer: asyncio.Task[None] | None = None
@@ -190,7 +191,13 @@ class StoreAndForwardBuffer:
         """Buffer a reading; once it is buffered, returns the record (with its seq) and its payload."""
         done = asyncio.get_running_loop().create_future()
         pending = _Pending(reading, None, None, False, Priority.TELEMETRY, done)
-        if self.spill and not self._queue and self._writer is not None and self._seq_reserved(reading.device):
+        if (
+            self.spill
+            and not self._queue
+            and not self._admitting  # ids must become visible in order: none may be skipped
+            and self._writer is not None
+            and self._seq_reserved(reading.device)
+        ):
             # Spill mode, sequence number already reserved on disk: nothing to wait for, so
             # admit it here rather than wake the writer task for every reading.
             ((_, message, value),) = self._build([pending])
@@ -613,6 +620,13 @@ class StoreAndForwardBuffer:
     # --- spill mode ----------------------------------------------------------------------
 
     async def _admit_to_memory(self, batch: list[_Pending]) -> None:
+        self._admitting = True
+        try:
+            await self._admit_batch(batch)
+        finally:
+            self._admitting = False
+
+    async def _admit_batch(self, batch: list[_Pending]) -> None:
         saved_seqs = dict(self._last_seq)
         built = self._build(batch)
         short = {d: s + SEQ_RESERVATION for d, s in self._last_seq.items() if s > self._reserved_seq.get(d, 0)}

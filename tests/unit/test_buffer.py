@@ -320,3 +320,38 @@ def test_concurrent_readings_are_group_committed(db: Path) -> None:
     assert len(set(seqs)) == 200
     # on_commit fires once per transaction that added entries: far fewer than one per reading.
     assert 1 <= len(commits) <= 10
+
+
+def test_spill_mode_never_makes_an_id_visible_before_an_older_one(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A reading whose sequence number needs a reservation waits for the disk; readings of other
+    # devices meanwhile must not become readable past it, or the uplink's cursor skips it.
+    from gateway.buffer import BufferConfig, Durability  # noqa: PLC0415
+
+    reserving = asyncio.Event()
+    release = asyncio.Event()
+
+    async def body(buffer: StoreAndForwardBuffer) -> None:
+        await buffer.add_reading(reading("warm"))  # reserves for "warm"
+        loop = asyncio.get_running_loop()
+        write_sequences = buffer._store.write_sequences
+
+        def slow_reservation(sequences: dict[str, int]) -> None:
+            loop.call_soon_threadsafe(reserving.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=5)
+            write_sequences(sequences)
+
+        monkeypatch.setattr(buffer._store, "write_sequences", slow_reservation)
+        first = asyncio.create_task(buffer.add_reading(reading("new")))  # needs a reservation
+        await reserving.wait()
+        others = [asyncio.create_task(buffer.add_reading(reading("warm", ts=i))) for i in range(3)]
+        await asyncio.sleep(0)  # let them try to overtake
+        seen = await buffer.take_live(0, 0, 100)
+        assert len(seen) == 1  # only the warm-up: nothing newer than the waiting reading is readable yet
+        release.set()
+        await asyncio.gather(first, *others)
+        later = await buffer.take_live(seen[-1].id, 0, 100)
+        ids = [e.id for e in seen + later]
+        assert ids == sorted(ids)
+        assert len(ids) == 1 + 1 + len(others)  # the warm-up, the reserved one, the others: none skipped
+
+    with_buffer(db, body, config=BufferConfig(durability=Durability.SPILL))
