@@ -40,11 +40,11 @@ SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- AUTOINCREMENT: ids are never reused, so "everything after id N" stays meaningful
--- for the uplink even after the table was emptied. The buffer assigns ids itself
--- (spill mode hands entries to the uplink before they reach the disk).
+-- The buffer assigns ids itself, counting on from the largest at open (spill mode hands
+-- entries to the uplink before they reach the disk). No AUTOINCREMENT: it would rewrite
+-- sqlite_sequence in every commit, a page write per commit for nothing (SD cards).
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     retain INTEGER NOT NULL DEFAULT 0,
@@ -406,8 +406,8 @@ class SqliteStore:
         return [_entry(r) for r in rows]
 
     def max_id(self) -> int:
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-        return 0 if row is None else int(row[0])
+        row = self.db.execute("SELECT MAX(id) FROM messages").fetchone()
+        return 0 if row[0] is None else int(row[0])
 
     def oldest_created_ms(self) -> int | None:
         row = self.reader.execute("SELECT created_ms FROM messages ORDER BY id LIMIT 1").fetchone()
