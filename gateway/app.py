@@ -36,7 +36,8 @@ __all__ = ["GatewayApp"]
 
 log = logging.getLogger(__name__)
 
-LOCAL_INTAKE_CONCURRENCY = 512
+LOCAL_INTAKE_CONCURRENCY = 16  # chunks of local records on their way into the buffer at once
+LOCAL_INTAKE_CHUNK = 512
 LOCAL_INBOX_LIMIT = 20_000  # messages from local publishers waiting for the buffer (bounds memory)
 
 
@@ -122,28 +123,34 @@ class GatewayApp:
             self._local_inbox.put_nowait((parsed, payload))
 
     async def _local_intake(self) -> None:
-        # Many buffer writes in flight at once, so that local publishers share group commits.
+        # Whatever has arrived goes to the buffer as one chunk, and several chunks are in
+        # flight at once: local publishers share group commits, and no task per record.
         slots = asyncio.Semaphore(LOCAL_INTAKE_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
+        inbox = self._local_inbox
         try:
             while True:
-                parsed, payload = await self._local_inbox.get()
-                if parsed.kind is TopicKind.COMMAND_RESULT:
-                    # Command results travel as control messages: evicted only after all telemetry.
-                    await slots.acquire()
-                    self._spawn(tasks, slots, self._buffer_message(str(parsed), payload))
-                    continue
-                try:
-                    records = decode(payload)
-                except WireError as exc:
-                    self.local_rejected_total += 1
-                    log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
-                    continue
-                for record in records:
+                chunk = [await inbox.get()]
+                while len(chunk) < LOCAL_INTAKE_CHUNK and not inbox.empty():
+                    chunk.append(inbox.get_nowait())
+                readings: list[Reading] = []
+                for parsed, payload in chunk:
+                    if parsed.kind is TopicKind.COMMAND_RESULT:
+                        # Command results travel as control messages: evicted only after all telemetry.
+                        await slots.acquire()
+                        self._spawn(tasks, slots, self._buffer_message(str(parsed), payload))
+                        continue
+                    try:
+                        records = decode(payload)
+                    except WireError as exc:
+                        self.local_rejected_total += 1
+                        log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
+                        continue
                     # The topic names the device; sequence numbers are ours to give.
-                    reading = Reading(parsed.device or record.device, record.ts, record.values)
+                    readings += [Reading(parsed.device or r.device, r.ts, r.values) for r in records]
+                if readings:
                     await slots.acquire()
-                    self._spawn(tasks, slots, self._buffer_local(reading))
+                    self._spawn(tasks, slots, self._buffer_local(readings))
         finally:
             # Stopping: what is already queued is committed, not abandoned.
             if tasks:
@@ -160,13 +167,12 @@ class GatewayApp:
 
         task.add_done_callback(done)
 
-    async def _buffer_local(self, reading: Reading) -> None:
-        try:
-            await self.buffer.add_reading(reading)
-        except BufferError:
-            self.readings_dropped += 1  # counted by reason and reported by the buffer
-            return
-        self.records_buffered += 1
+    async def _buffer_local(self, readings: list[Reading]) -> None:
+        for outcome in await self.buffer.add_readings(readings):
+            if isinstance(outcome, BufferError):
+                self.readings_dropped += 1  # counted by reason and reported by the buffer
+            else:
+                self.records_buffered += 1
 
     async def _buffer_message(self, topic_name: str, payload: bytes) -> None:
         with contextlib.suppress(BufferError):  # counted by reason and reported by the buffer

@@ -208,6 +208,35 @@ class StoreAndForwardBuffer:
         assert result is not None
         return result
 
+    async def add_readings(self, readings: list[Reading]) -> list[tuple[Record, bytes] | BufferError]:
+        """Buffer many readings at once (one wake-up, one group commit); a result or error for each."""
+        results: list[tuple[Record, bytes] | BufferError | None] = []
+        waiting: list[asyncio.Future[tuple[Record, bytes] | None]] = []
+        loop = asyncio.get_running_loop()
+        for reading in readings:
+            if self.spill and not self._queue and not self._admitting and self._seq_reserved(reading.device):
+                results.append(await self.add_reading(reading))  # the fast path: returns at once
+                continue
+            done: asyncio.Future[tuple[Record, bytes] | None] = loop.create_future()
+            self._queue.append(_Pending(reading, None, None, False, Priority.TELEMETRY, done))
+            waiting.append(done)
+            results.append(None)  # filled in below
+        if waiting:
+            if self._writer is None:
+                raise BufferError("buffer is not open")
+            self._idle.clear()
+            self._work.set()
+            await asyncio.wait(waiting)
+            outcomes = iter(waiting)
+            for i, result in enumerate(results):
+                if result is None:
+                    future = next(outcomes)
+                    error = future.exception()
+                    if error is not None and not isinstance(error, BufferError):
+                        raise error
+                    results[i] = error if error is not None else future.result()
+        return [r for r in results if r is not None]
+
     async def add_message(
         self, topic_name: str, payload: bytes, *, retain: bool = False, priority: Priority = Priority.CONTROL
     ) -> None:

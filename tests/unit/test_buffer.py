@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import pytest
 
-from fieldlink.wire import Encoding, Record, TopicKind, Value, decode, topic
+from fieldlink.wire import Encoding, Record, TopicKind, Value, decode, encode_record, topic
 from gateway.buffer import BufferError, StoreAndForwardBuffer
 from gateway.buffer.sqlite_store import SqliteStore
 from gateway.sources.base import Reading
@@ -355,3 +355,36 @@ def test_spill_mode_never_makes_an_id_visible_before_an_older_one(db: Path, monk
         assert len(ids) == 1 + 1 + len(others)  # the warm-up, the reserved one, the others: none skipped
 
     with_buffer(db, body, config=BufferConfig(durability=Durability.SPILL))
+
+
+@pytest.mark.parametrize("durability", ["durable", "spill"])
+def test_add_readings_buffers_a_chunk_in_one_go_with_a_result_for_each(db: Path, durability: str) -> None:
+    from gateway.buffer import BufferConfig, Durability  # noqa: PLC0415
+
+    async def body(buffer: StoreAndForwardBuffer) -> None:
+        commits_before = buffer.appended_total
+        results = await buffer.add_readings([reading("a", ts=i) for i in range(50)] + [reading("b")])
+        assert [r[0].seq for r in results if not isinstance(r, BufferError)] == [*range(1, 51), 1]
+        assert buffer.appended_total - commits_before == 51
+        entries = await buffer.take(0, 100)
+        assert [decode(e.payload)[0].ts for e in entries][:3] == [0, 1, 2]
+
+    with_buffer(db, body, config=BufferConfig(durability=Durability(durability)))
+
+
+def test_add_readings_reports_each_refused_reading(db: Path) -> None:
+    from gateway.buffer import BufferConfig, DropReason, Eviction  # noqa: PLC0415
+
+    size = len(topic(TopicKind.TELEMETRY, SITE, GATEWAY, "a")) + len(
+        encode_record(Record(SITE, GATEWAY, "a", 1, 0, {"t": Value.of(1.5, "degC")}))
+    )
+    config = BufferConfig(max_bytes=3 * size, eviction=Eviction.REJECT_NEW, min_free_disk=0, max_age=None)
+
+    async def body(buffer: StoreAndForwardBuffer) -> None:
+        results = await buffer.add_readings([reading("a", ts=0) for _ in range(5)])
+        refused = [r for r in results if isinstance(r, BufferError)]
+        assert len(results) == 5
+        assert len(refused) == 2
+        assert all(r.reason is DropReason.MAX_BYTES for r in refused)
+
+    with_buffer(db, body, config=config)
