@@ -20,7 +20,7 @@ test: $(VENV)/.installed debian-test-deps
 # Long runs, not part of `make test`: a randomized fault campaign and the two benchmarks.
 # Each prints its figures; the last line is the one to quote.
 chaos: $(VENV)/.installed debian-test-deps
-	$(BIN)/python -m tests.chaos $(if $(DURATION),--duration $(DURATION))
+	$(BIN)/python -m tests.chaos $(if $(DURATION),--duration $(DURATION)) $(if $(SEED),--seed $(SEED))
 
 bench-replay: $(VENV)/.installed debian-test-deps
 	$(BIN)/python bench/replay.py

@@ -43,6 +43,7 @@ class Lane:
         self.ready: deque[Entry] = deque()
         self.more = True  # the buffer may hold entries past the cursor
         self.sent_bytes = 0
+        self.sent_cost = 0.0  # what the lane used of the link, in the unit of the binding limit
         self.sent_messages = 0
         self.sent_records = 0
         self.last_sent_created_ms: int | None = None
@@ -90,19 +91,21 @@ class Lane:
             return 0
         return max(0, first.created_ms + linger_ms - now_ms)
 
-    def sent(self, message: OutgoingMessage) -> None:
+    def sent(self, message: OutgoingMessage, cost: float | None = None) -> None:
+        """Count a message; ``cost`` is its share of the binding limit (default: its bytes)."""
         self.sent_bytes += len(message.payload)
+        self.sent_cost += len(message.payload) if cost is None else cost
         self.sent_messages += 1
         self.sent_records += message.records
         self.last_sent_created_ms = message.entries[-1].created_ms
 
 
 def pick_lane(lanes: list[Lane], held: frozenset[str] = frozenset()) -> Lane | None:
-    """The lane with entries ready (and not held) that is furthest below its share of the bytes sent."""
+    """The lane with entries ready (and not held) that is furthest below its share of the link."""
     candidates = [lane for lane in lanes if lane.ready and lane.name not in held]
     if not candidates:
         return None
-    return min(candidates, key=lambda lane: lane.sent_bytes / lane.weight)
+    return min(candidates, key=lambda lane: lane.sent_cost / lane.weight)
 
 
 class RateLimit:

@@ -128,6 +128,15 @@ class Uplink:
                     self._down(str(group_error.exceptions[0]), first=True)
                     # A dropped link: reconnect soon, with jitter (a fleet must not reconnect in step).
                     failures = 1
+                except* Exception as group_error:
+                    # A bug must not end forwarding for good (polling and buffering go on without
+                    # us): report it with its traceback, drop this connection, start a new one.
+                    self._conn = None
+                    conn.abort()
+                    error = group_error.exceptions[0]
+                    log.error("uplink failed; reconnecting", exc_info=(type(error), error, error.__traceback__))
+                    self._down(f"internal error: {error!r}", first=False)
+                    failures = 1
         finally:
             self._cancel_timer()
             await self._goodbye()
@@ -218,9 +227,21 @@ class Uplink:
             self._byte_rate.spend(size)
             self._inflight.append((time.monotonic(), future))
             self._inflight_bytes += size
-            lane.sent(message)
+            lane.sent(message, self._cost(size))
             future.add_done_callback(partial(self._acknowledged, self._session, message, size))
         return 0.0
+
+    def _cost(self, size: int) -> float:
+        """A message's share of the link: seconds of the binding rate limit, or its bytes if none.
+
+        Sharing by bytes alone would let the live lane's many small messages take nearly
+        every token of a messages/s cap while staying far below its share of the bytes.
+        """
+        cfg = self.config
+        seconds = [1 / cfg.max_messages_per_s] if cfg.max_messages_per_s else []
+        if cfg.max_bytes_per_s:
+            seconds.append(size / cfg.max_bytes_per_s)
+        return max(seconds) if seconds else float(size)
 
     def _acknowledged(self, session: int, message: OutgoingMessage, size: int, future: asyncio.Future[None]) -> None:
         if session == self._session:

@@ -190,7 +190,7 @@ def test_pick_lane_takes_only_lanes_with_something_ready() -> None:
     assert pick_lane([live, backlog]) is None
     backlog.ready.append(record_entry())
     assert pick_lane([live, backlog]) is backlog
-    backlog.sent_bytes = 10**9  # far beyond its share: still the only one with data
+    backlog.sent_cost = 10**9  # far beyond its share: still the only one with data
     assert pick_lane([live, backlog]) is backlog
 
 
@@ -225,6 +225,27 @@ def test_with_both_lanes_ready_the_bytes_sent_converge_to_the_configured_share(
     assert abs(live.sent_bytes / total - share) <= biggest / total < 0.03
     assert backlog.sent_messages < live.sent_messages or share < 0.5  # the backlog went in batches
     assert backlog.sent_records > backlog.sent_messages * 10
+
+
+def test_under_a_messages_per_second_cap_the_lanes_share_messages_not_bytes(joiner: BatchJoiner) -> None:
+    # Live sends tiny messages, the backlog big batches. Shared by bytes, live would take
+    # nearly every message token of the cap and the backlog would crawl; charged per message
+    # (the binding limit), each lane gets its share of the messages.
+    live = Lane("live", 0.5, _reader([]))
+    backlog = Lane("backlog", 0.5, _reader([]))
+    seqs = itertools.count()
+    per_message = 1 / 20  # max_messages_per_s = 20
+    for _ in range(200):
+        while len(live.ready) < 4:
+            live.ready.append(record_entry("live", next(seqs)))
+            live.ready.append(control_entry(b"{}", retain=False))  # keeps live messages single
+        while len(backlog.ready) < 100:
+            backlog.ready.append(record_entry("old", next(seqs), extra=40))
+        lane = pick_lane([live, backlog])
+        assert lane is not None
+        lane.sent(lane.next_message(joiner, 50, 8000), per_message)
+    assert abs(live.sent_messages - backlog.sent_messages) <= 1
+    assert backlog.sent_records > 10 * live.sent_records / 2  # the backlog moves in batches
 
 
 # --- RateLimit ---------------------------------------------------------------------------
