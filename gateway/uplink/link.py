@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection, MqttError, PublishRefused, Will
-from fieldlink.wire import BatchJoiner, TopicKind, encode_state, topic
+from fieldlink.wire import BatchJoiner, Topic, TopicKind, WireError, encode_state, topic
 from gateway.buffer import DropReason, StoreAndForwardBuffer
 from gateway.uplink.config import UplinkConfig
 from gateway.uplink.lanes import Lane, OutgoingMessage, RateLimit, pick_lane
@@ -162,6 +162,20 @@ class Uplink:
         while True:
             message = await conn.messages.get()
             local_topic = message.topic.removeprefix(self.prefix)
+            try:
+                parsed = Topic.parse(local_topic)
+            except WireError:
+                parsed = None
+            if (
+                parsed is None
+                or not message.topic.startswith(self.prefix)
+                or parsed.kind is not TopicKind.COMMAND
+                or (parsed.site, parsed.gateway) != (self.site, self.gateway)
+            ):
+                # Only this gateway's command topics (some brokers deliver retained messages
+                # of other topics on a wildcard subscription).
+                self.commands_dropped += 1
+                continue
             try:
                 await self.on_command(local_topic, bytes(message.payload))  # type: ignore[misc]
                 self.commands_relayed += 1
