@@ -68,7 +68,8 @@ class GatewayApp:
         self.readings_published = 0  # polls of our own sources, buffered and published locally
         self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
         self.local_rejected_total = 0
-        self.local_overflow = 0  # local messages dropped because the inbox was full
+        self.local_overflow = 0  # local messages dropped: the inbox was full, or the gateway stopping
+        self._taking_local = True
         self.readings_dropped = 0  # could not be buffered (disk full, I/O error)
         self.states_dropped = 0
         self.device_states: dict[str, DeviceState] = {}
@@ -114,6 +115,9 @@ class GatewayApp:
         if (parsed.site, parsed.gateway) != (self.site, self.gateway_id):
             return
         if parsed.kind in (TopicKind.TELEMETRY, TopicKind.COMMAND_RESULT):
+            if not self._taking_local:
+                self.local_overflow += 1  # stopping: the intake has already been drained
+                return
             if self._local_inbox.qsize() >= LOCAL_INBOX_LIMIT:
                 # amqtt has already acknowledged it: all we can do is count it and say so.
                 self.local_overflow += 1
@@ -128,33 +132,49 @@ class GatewayApp:
         slots = asyncio.Semaphore(LOCAL_INTAKE_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
         inbox = self._local_inbox
+        readings: list[Reading] = []
         try:
             while True:
                 chunk = [await inbox.get()]
                 while len(chunk) < LOCAL_INTAKE_CHUNK and not inbox.empty():
                     chunk.append(inbox.get_nowait())
-                readings: list[Reading] = []
-                for parsed, payload in chunk:
-                    if parsed.kind is TopicKind.COMMAND_RESULT:
-                        # Command results travel as control messages: evicted only after all telemetry.
-                        await slots.acquire()
-                        self._spawn(tasks, slots, self._buffer_message(str(parsed), payload))
-                        continue
-                    try:
-                        records = decode(payload)
-                    except WireError as exc:
-                        self.local_rejected_total += 1
-                        log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
-                        continue
-                    # The topic names the device; sequence numbers are ours to give.
-                    readings += [Reading(parsed.device or r.device, r.ts, r.values) for r in records]
+                readings = self._local_readings(chunk, tasks)
                 if readings:
                     await slots.acquire()
                     self._spawn(tasks, slots, self._buffer_local(readings))
+                    readings = []
         finally:
-            # Stopping: what is already queued is committed, not abandoned.
+            # Stopping: the local broker has acknowledged what is in the inbox, so it is
+            # buffered now, not abandoned; what comes after this point is counted as dropped.
+            self._taking_local = False
+            rest: list[tuple[Topic, bytes]] = []
+            while not inbox.empty():
+                rest.append(inbox.get_nowait())
+            readings += self._local_readings(rest, tasks)
+            if readings:
+                tasks.add(asyncio.create_task(self._buffer_local(readings)))
             if tasks:
                 await asyncio.wait(tasks)
+
+    def _local_readings(self, chunk: list[tuple[Topic, bytes]], tasks: set[asyncio.Task[None]]) -> list[Reading]:
+        """Readings from local record envelopes (bad ones counted); command results sent on their way."""
+        readings: list[Reading] = []
+        for parsed, payload in chunk:
+            if parsed.kind is TopicKind.COMMAND_RESULT:
+                # Command results travel as control messages: evicted only after all telemetry.
+                task = asyncio.create_task(self._buffer_message(str(parsed), payload))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                continue
+            try:
+                records = decode(payload)
+            except WireError as exc:
+                self.local_rejected_total += 1
+                log.warning("local telemetry rejected", extra={"topic": str(parsed), "reason": str(exc)})
+                continue
+            # The topic names the device; sequence numbers are ours to give.
+            readings += [Reading(parsed.device or r.device, r.ts, r.values) for r in records]
+        return readings
 
     @staticmethod
     def _spawn(tasks: set[asyncio.Task[None]], slots: asyncio.Semaphore, work: Any) -> None:

@@ -29,6 +29,7 @@ class DropReason(enum.StrEnum):
     MIN_FREE_DISK = "min_free_disk"
     MAX_AGE = "max_age"
     WRITE_ERROR = "write_error"  # the disk refused the write (full, I/O error)
+    INVALID = "invalid"  # a reading the wire format cannot carry (never entered the buffer)
     REFUSED = "refused_by_broker"  # an MQTT 5 broker answered the PUBLISH with a failure code (ACL)
 
 

@@ -113,6 +113,7 @@ class StoreAndForwardBuffer:
         self._idle = asyncio.Event()
         self._flushing = 0  # callers waiting in flush(): deletes do not linger for them
         self._admitting = False  # spill mode: the writer has given out ids it has not published yet
+        self._closing = False
         self._accepted_since = 0.0
         self._accepted_bytes = 0  # of the acknowledged entries awaiting deletion, as far as known
         self._writer: asyncio.Task[None] | None = None
@@ -173,14 +174,21 @@ class StoreAndForwardBuffer:
         """Commit what is queued (appends and acknowledgements), spill memory, then close the file."""
         if self._writer is not None:
             await self.flush()
-            self._writer.cancel()
+            # Let the writer finish its pass (a spill may be half-way in the buffer thread;
+            # cancelling the await would not stop the thread, only lose track of it).
+            self._closing = True
+            self._work.set()
             await asyncio.gather(self._writer, return_exceptions=True)
             self._writer = None
             if self.spill:
-                with contextlib.suppress(Exception):  # reported by _spill; keep closing
-                    await self._spill(everything=True)
+                try:
+                    await self._spill(everything=True, accepted=self._accepted)
                     # A clean stop records the true sequence numbers, not the reservations.
                     await self._run(self._store.write_sequences, self._last_seq)
+                except Exception as exc:
+                    lost = [e for e in self._tail.values() if e.id not in self._spilling]
+                    self._count_drops(DropReason.WRITE_ERROR, [e.priority for e in lost])
+                    log.error("buffer could not keep what was in memory", extra={"error": str(exc), "lost": len(lost)})
         self._read_thread.shutdown(wait=True)
         await self._run(self._store.close)
         self._thread.shutdown(wait=True)
@@ -200,7 +208,10 @@ class StoreAndForwardBuffer:
         ):
             # Spill mode, sequence number already reserved on disk: nothing to wait for, so
             # admit it here rather than wake the writer task for every reading.
-            ((_, message, value),) = self._build([pending])
+            built = self._build([pending])
+            if not built:  # refused (it cannot be encoded): the reason is on its future
+                raise pending.done.exception()  # type: ignore[misc]
+            ((_, message, value),) = built
             self._admit([message])
             assert value is not None
             return value
@@ -215,7 +226,10 @@ class StoreAndForwardBuffer:
         loop = asyncio.get_running_loop()
         for reading in readings:
             if self.spill and not self._queue and not self._admitting and self._seq_reserved(reading.device):
-                results.append(await self.add_reading(reading))  # the fast path: returns at once
+                try:
+                    results.append(await self.add_reading(reading))  # the fast path: returns at once
+                except BufferError as exc:
+                    results.append(exc)
                 continue
             done: asyncio.Future[tuple[Record, bytes] | None] = loop.create_future()
             self._queue.append(_Pending(reading, None, None, False, Priority.TELEMETRY, done))
@@ -305,8 +319,10 @@ class StoreAndForwardBuffer:
             # (A short answer would tell the lane that nothing more waits.)
             after_id = floor
         last = min(self._visible_id, upto_id if upto_id is not None else self._visible_id)
-        # Ids are dense, so walking them from the cursor touches only entries newer than it.
-        for entry_id in range(after_id + 1, last + 1):
+        # Ids are dense, so walking them from the cursor (or from the oldest entry still in the
+        # tail, if newer) touches only entries newer than it.
+        start = max(after_id + 1, next(iter(self._tail), last + 1))
+        for entry_id in range(start, last + 1):
             if len(result) >= limit:
                 break
             entry = self._tail.get(entry_id)
@@ -404,14 +420,14 @@ class StoreAndForwardBuffer:
         return left if left > 0 else None
 
     async def _write_loop(self) -> None:
-        while True:
+        while not self._closing:
             wait = self._tick()
             lingering = self._deletes_wait()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait if lingering is None else min(wait, lingering)):
                     await self._work.wait()
             self._work.clear()
-            if self._deletes_wait() is not None:
+            if self._deletes_wait() is not None and not self._closing:
                 continue
             batch, self._queue = self._queue, []
             accepted, self._accepted = self._accepted, []
@@ -456,9 +472,18 @@ class StoreAndForwardBuffer:
             else:
                 reading = pending.reading
                 seq = max(self._last_seq.get(reading.device, 0), self._seq_floor) + 1
-                self._last_seq[reading.device] = seq
                 record = Record(self.site, self.gateway, reading.device, seq, reading.ts, reading.values)
-                payload = encode_record(record, self.encoding)
+                try:
+                    payload = encode_record(record, self.encoding)
+                except (ValueError, OverflowError, TypeError) as exc:
+                    # A reading the wire cannot carry (a local app's lone surrogate, a ts out of
+                    # range): refused alone, without a seq, and the rest of the batch goes on.
+                    self._count_drops(DropReason.INVALID, [Priority.TELEMETRY])
+                    if not pending.done.done():
+                        pending.done.set_exception(BufferError(f"cannot encode: {exc}", DropReason.INVALID))
+                        pending.done.exception()
+                    continue
+                self._last_seq[reading.device] = seq
                 telemetry_topic = topic(TopicKind.TELEMETRY, self.site, self.gateway, reading.device)
                 message = NewMessage(
                     self._next_id, telemetry_topic, payload, False, Priority.TELEMETRY, now, reading.device, seq
@@ -726,6 +751,13 @@ class StoreAndForwardBuffer:
             result: CommitResult = await self._run(self._store.commit, plan)
         except BaseException:
             self._spilling.difference_update(e.id for e in chosen)
+            for entry in chosen:
+                if entry.id not in self._tail:
+                    # Acknowledged during the failed write: it never reached the disk after all.
+                    self._memory_bytes -= entry.size
+                    self._deleting.discard(entry.id)
+                    with contextlib.suppress(ValueError):
+                        self._accepted.remove(entry.id)
             raise
         self._spilling.difference_update(e.id for e in chosen)
         self._deleting.difference_update(accepted)

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fieldlink.wire import BatchJoiner, TopicKind, topic
+from fieldlink.wire import BatchJoiner, TopicKind, WireError, topic
 from gateway.buffer import Entry
 
 __all__ = ["Lane", "OutgoingMessage", "RateLimit", "pick_lane"]
@@ -63,17 +63,27 @@ class Lane:
         first = self.ready.popleft()
         if not first.is_record or max_records == 1 or not self.ready or not self.ready[0].is_record:
             return OutgoingMessage(first.topic, first.payload, first.retain, [first], int(first.is_record))
+        try:
+            bodies = [joiner.body(first.payload)]
+        except WireError:
+            # Stored under another site or gateway id (the config changed since): it goes out
+            # alone, as it was stored, rather than block the lane.
+            return OutgoingMessage(first.topic, first.payload, False, [first], 1)
         entries = [first]
         size = len(first.payload)
         while self.ready and len(entries) < max_records:
             candidate = self.ready[0]
             if not candidate.is_record or size + len(candidate.payload) > max_bytes:
                 break
+            try:
+                bodies.append(joiner.body(candidate.payload))
+            except WireError:
+                break  # it goes alone, next
             entries.append(self.ready.popleft())
             size += len(candidate.payload)
         if len(entries) == 1:
             return OutgoingMessage(first.topic, first.payload, False, entries, 1)
-        payload = joiner.join([joiner.body(e.payload) for e in entries])
+        payload = joiner.join(bodies)
         batch_topic = topic(TopicKind.BATCH, joiner.site, joiner.gateway)
         return OutgoingMessage(batch_topic, payload, False, entries, len(entries))
 
@@ -89,7 +99,8 @@ class Lane:
         first = self.ready[0]
         if not first.is_record or len(self.ready) >= max_records:
             return 0
-        return max(0, first.created_ms + linger_ms - now_ms)
+        # Bounded by linger_ms: a wall clock stepping back must not hold the lane for the step.
+        return min(linger_ms, max(0, first.created_ms + linger_ms - now_ms))
 
     def sent(self, message: OutgoingMessage, cost: float | None = None) -> None:
         """Count a message; ``cost`` is its share of the binding limit (default: its bytes)."""

@@ -83,6 +83,7 @@ class Uplink:
         self._inflight: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._inflight_bytes = 0
         self._session = 0
+        self._last_progress = 0.0  # the last PUBACK (or the send into an empty window)
         self._refused_topics: set[str] = set()
         self._message_rate = RateLimit(config.max_messages_per_s)
         self._byte_rate = RateLimit(config.max_bytes_per_s)
@@ -239,6 +240,8 @@ class Uplink:
             size = len(message.payload)
             self._message_rate.spend(1)
             self._byte_rate.spend(size)
+            if not self._inflight:
+                self._last_progress = time.monotonic()  # the clock starts with the first in flight
             self._inflight.append((time.monotonic(), future))
             self._inflight_bytes += size
             lane.sent(message, self._cost(size))
@@ -261,6 +264,8 @@ class Uplink:
         if session == self._session:
             self._inflight_bytes -= size
         error = None if future.cancelled() else future.exception()
+        if session == self._session:
+            self._last_progress = time.monotonic()
         if not future.cancelled() and error is None:
             self.buffer.accept(message.entries)
             self.delivered_total += 1
@@ -277,7 +282,10 @@ class Uplink:
     def _check_acks(self, conn: MqttConnection) -> None:
         while self._inflight and self._inflight[0][1].done():
             self._inflight.popleft()
-        if self._inflight and time.monotonic() - self._inflight[0][0] > self.config.ack_timeout:
+        # Dead means no progress: nothing acknowledged for ack_timeout while something waits.
+        # (Not "the oldest message is that old": on a slow link a full window takes longer
+        # than ack_timeout to go out, yet every PUBACK proves the link alive.)
+        if self._inflight and time.monotonic() - self._last_progress > self.config.ack_timeout:
             self.dead_links += 1
             conn.abort()
             raise ConnectionLost(f"no PUBACK within {self.config.ack_timeout:g}s; link presumed dead")
@@ -342,7 +350,8 @@ class Uplink:
         self.state = "stopped"
         if conn is None or not conn.is_open:
             return
-        with contextlib.suppress(ConnectionLost, TimeoutError):
+        # MqttError too: a broker may refuse the retained status (MQTT 5 ACL); leave cleanly anyway.
+        with contextlib.suppress(MqttError, TimeoutError):
             async with asyncio.timeout(2):
                 await conn.publish(self.status_topic, encode_state("offline", _now_ms(), "shutdown"), 1, True)
         await conn.close()

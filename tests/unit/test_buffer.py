@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import pytest
 
-from fieldlink.wire import Encoding, Record, TopicKind, Value, decode, encode_record, topic
+from fieldlink.wire import Encoding, Quality, Record, TopicKind, Value, ValueType, decode, encode_record, topic
 from gateway.buffer import BufferError, StoreAndForwardBuffer
 from gateway.buffer.sqlite_store import SqliteStore
 from gateway.sources.base import Reading
@@ -388,3 +388,26 @@ def test_add_readings_reports_each_refused_reading(db: Path) -> None:
         assert all(r.reason is DropReason.MAX_BYTES for r in refused)
 
     with_buffer(db, body, config=config)
+
+
+@pytest.mark.parametrize("durability", ["durable", "spill"])
+def test_a_reading_the_wire_cannot_carry_is_refused_alone(db: Path, durability: str) -> None:
+    # A local application can send what decodes but does not encode again (a lone surrogate
+    # in a JSON string, a ts beyond 64 bits): only that reading is refused, without a seq.
+    from gateway.buffer import BufferConfig, DropReason, Durability  # noqa: PLC0415
+
+    bad_text = Reading("a", 1, {"s": Value("\ud800", None, Quality.GOOD, ValueType.STRING)})
+    bad_ts = Reading("a", 10**23, {"t": Value.of(1.0)})
+
+    async def body(buffer: StoreAndForwardBuffer) -> None:
+        results = await buffer.add_readings([reading("a"), bad_text, reading("a"), bad_ts, reading("a")])
+        refused = [r for r in results if isinstance(r, BufferError)]
+        assert [r.reason for r in refused] == [DropReason.INVALID, DropReason.INVALID]
+        assert [r[0].seq for r in results if not isinstance(r, BufferError)] == [1, 2, 3]
+        assert buffer.drops[DropReason.INVALID.value] == 2
+        assert buffer.write_failures == 0
+        with pytest.raises(BufferError, match="cannot encode"):
+            await buffer.add_reading(bad_text)
+        assert (await buffer.add_reading(reading("a")))[0].seq == 4
+
+    with_buffer(db, body, config=BufferConfig(durability=Durability(durability)))

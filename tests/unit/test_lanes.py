@@ -182,6 +182,21 @@ def test_refill_reads_after_its_cursor_and_says_whether_more_may_wait() -> None:
     assert list(lane.ready) == entries
 
 
+def test_records_stored_under_an_old_gateway_id_go_out_alone_as_stored(joiner: BatchJoiner) -> None:
+    # The gateway's id changed with records still buffered: they cannot join this gateway's
+    # batches, and must not block the lane either.
+    old = Record(SITE, "gw-old", "a", 7, 1_700_000_000_000, {"t": Value.of(1.0)})
+    name = topic(TopicKind.TELEMETRY, SITE, "gw-old", "a")
+    payload = encode_record(old)
+    entry_id = next(_ids)
+    stranger = Entry(entry_id, name, payload, False, Priority.TELEMETRY, 1_700_000_000_000, len(name) + len(payload))
+    entries = [record_entry(seq=1), record_entry(seq=2), stranger, stranger_copy := record_entry(seq=3)]
+    messages = drain(lane_of(entries), joiner)
+    assert [m.topic for m in messages] == [BATCH_TOPIC, name, stranger_copy.topic]
+    assert messages[1].payload == payload
+    assert [len(m.entries) for m in messages] == [2, 1, 1]
+
+
 # --- pick_lane ---------------------------------------------------------------------------
 
 
