@@ -224,6 +224,21 @@ class StoreAndForwardBuffer:
         results: list[tuple[Record, bytes] | BufferError | None] = []
         waiting: list[asyncio.Future[tuple[Record, bytes] | None]] = []
         loop = asyncio.get_running_loop()
+        if self.spill and not self._queue and not self._admitting and self._writer is not None:
+            needed = Counter(r.device for r in readings)
+            if all(
+                max(self._last_seq.get(d, 0), self._seq_floor) + n <= self._reserved_seq.get(d, 0)
+                for d, n in needed.items()
+            ):
+                # Spill mode, every sequence number already reserved: the whole chunk at once.
+                pendings = [_Pending(r, None, None, False, Priority.TELEMETRY, loop.create_future()) for r in readings]
+                built = self._build(pendings)
+                self._admit([m for _, m, _ in built])
+                by_pending = {id(p): value for p, _, value in built}
+                return [
+                    by_pending[id(p)] if id(p) in by_pending else p.done.exception()  # type: ignore[misc]
+                    for p in pendings
+                ]
         for reading in readings:
             if self.spill and not self._queue and not self._admitting and self._seq_reserved(reading.device):
                 try:
@@ -450,6 +465,9 @@ class StoreAndForwardBuffer:
                 self._count_drops(DropReason.WRITE_ERROR, [p.priority for p in failed])
                 for pending in failed:
                     pending.done.set_exception(BufferError(str(exc)))
+                # A failing disk is not retried in a tight loop (new messages meanwhile wait in
+                # the queue in durable mode, and are shed from memory in spill mode).
+                await asyncio.sleep(min(1.0, 0.02 * 2 ** min(self.write_failures, 6)))
             else:
                 if self.write_failures:
                     log.warning("buffer writes again", extra={"failed_commits": self.write_failures})
@@ -731,6 +749,8 @@ class StoreAndForwardBuffer:
     async def _spill(self, *, everything: bool, accepted: list[int] | None = None, freed: int = 0) -> None:
         """Write to disk what waited too long for its PUBACK (or overflows memory)."""
         accepted = accepted or []
+        if self.write_failures:
+            self._shed_memory()  # before choosing: entries being spilled cannot be shed meanwhile
         cutoff = _now_ms() - round(self.config.spill_after * 1000)
         memory = [e for e in self._tail.values() if e.id not in self._spilling]
         over = self._memory_bytes - self.config.spill_memory

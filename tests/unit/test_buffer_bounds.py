@@ -971,8 +971,9 @@ def test_spill_mode_memory_stays_bounded_while_the_disk_refuses_spills(
         for i in range(200):
             await buffer.add_reading(reading(ts=i))
             stats = await buffer.stats()
-            # spill_memory, plus what arrives before the writer has seen its first failure
-            assert stats.bytes <= 20 * size + 3 * size, f"memory grew to {stats.bytes} bytes"
+            # spill_memory, plus what arrives while a failing spill is under way (its entries cannot be
+            # shed meanwhile)
+            assert stats.bytes <= 2 * 20 * size, f"memory grew to {stats.bytes} bytes"
         assert buffer.drops[DropReason.WRITE_ERROR] > 150
         assert buffer.control_drops == 0  # the status message is kept
         disk.failing = False
