@@ -36,9 +36,9 @@ __all__ = ["GatewayApp"]
 
 log = logging.getLogger(__name__)
 
-LOCAL_INTAKE_CONCURRENCY = 16  # chunks of local records on their way into the buffer at once
-LOCAL_INTAKE_CHUNK = 512
-LOCAL_INBOX_LIMIT = 20_000  # messages from local publishers waiting for the buffer (bounds memory)
+LOCAL_INTAKE_CONCURRENCY = 8  # chunks of local records on their way into the buffer at once
+LOCAL_INTAKE_CHUNK_BYTES = 256_000  # payload bytes of local messages per chunk
+LOCAL_INBOX_BYTES = 8_000_000  # payload bytes from local publishers waiting for the buffer (bounds memory)
 
 
 def _now_ms() -> int:
@@ -70,6 +70,7 @@ class GatewayApp:
         self.local_rejected_total = 0
         self.local_overflow = 0  # local messages dropped: the inbox was full, or the gateway stopping
         self._taking_local = True
+        self._local_inbox_bytes = 0
         self.readings_dropped = 0  # could not be buffered (disk full, I/O error)
         self.states_dropped = 0
         self.device_states: dict[str, DeviceState] = {}
@@ -118,12 +119,13 @@ class GatewayApp:
             if not self._taking_local:
                 self.local_overflow += 1  # stopping: the intake has already been drained
                 return
-            if self._local_inbox.qsize() >= LOCAL_INBOX_LIMIT:
+            if self._local_inbox_bytes >= LOCAL_INBOX_BYTES:
                 # amqtt has already acknowledged it: all we can do is count it and say so.
                 self.local_overflow += 1
                 if self.local_overflow == 1 or self.local_overflow % 10_000 == 0:
                     log.error("local publishers outpace the buffer; dropping", extra={"dropped": self.local_overflow})
                 return
+            self._local_inbox_bytes += len(payload)
             self._local_inbox.put_nowait((parsed, payload))
 
     async def _local_intake(self) -> None:
@@ -136,8 +138,12 @@ class GatewayApp:
         try:
             while True:
                 chunk = [await inbox.get()]
-                while len(chunk) < LOCAL_INTAKE_CHUNK and not inbox.empty():
+                size = len(chunk[0][1])
+                # Bounded in bytes, not messages: one local message may carry a batch of records.
+                while size < LOCAL_INTAKE_CHUNK_BYTES and not inbox.empty():
                     chunk.append(inbox.get_nowait())
+                    size += len(chunk[-1][1])
+                self._local_inbox_bytes -= size
                 readings = self._local_readings(chunk, tasks)
                 if readings:
                     await slots.acquire()
@@ -150,6 +156,7 @@ class GatewayApp:
             rest: list[tuple[Topic, bytes]] = []
             while not inbox.empty():
                 rest.append(inbox.get_nowait())
+            self._local_inbox_bytes = 0
             readings += self._local_readings(rest, tasks)
             if readings:
                 tasks.add(asyncio.create_task(self._buffer_local(readings)))

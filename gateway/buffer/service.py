@@ -56,6 +56,7 @@ __all__ = ["BufferError", "StoreAndForwardBuffer"]
 log = logging.getLogger(__name__)
 
 TAIL_ENTRIES = 8192  # durable mode: newest committed entries kept in memory for the live lane
+WRITER_PASS = 4096  # messages built and committed per writer pass at most
 DELETE_LINGER = 0.25  # seconds acknowledged deletes wait for an append commit to ride along
 DELETE_BATCH = 20_000  # ... unless this many are waiting
 SEQ_RESERVATION = 10_000  # spill mode: sequence numbers reserved on disk per write, per device
@@ -444,7 +445,10 @@ class StoreAndForwardBuffer:
             self._work.clear()
             if self._deletes_wait() is not None and not self._closing:
                 continue
-            batch, self._queue = self._queue, []
+            # A bounded pass keeps the event loop responsive (encoding runs on it); the rest waits.
+            batch, self._queue = self._queue[:WRITER_PASS], self._queue[WRITER_PASS:]
+            if self._queue:
+                self._work.set()
             accepted, self._accepted = self._accepted, []
             freed, self._accepted_bytes = self._accepted_bytes, 0
             try:
@@ -521,7 +525,8 @@ class StoreAndForwardBuffer:
         cap, reason = self._cap(stored, incoming_bytes)
         room = cap - stored  # negative after an overshoot: the next commit evicts back under the cap
         if incoming_bytes <= room:
-            self._bound_released()
+            if room - incoming_bytes >= cap // 20:
+                self._bound_released()  # with 5 % to spare: an episode is not logged per commit
             return incoming, 0, reason, []
         self._bound_reached(reason, cap)
         telemetry = max(0, self._bytes[Priority.TELEMETRY] - freed)
