@@ -23,10 +23,10 @@ chaos: $(VENV)/.installed debian-test-deps
 	$(BIN)/python -m tests.chaos $(if $(DURATION),--duration $(DURATION)) $(if $(SEED),--seed $(SEED))
 
 bench-replay: $(VENV)/.installed debian-test-deps
-	$(BIN)/python bench/replay.py
+	$(BIN)/python -m bench.replay
 
 bench-live: $(VENV)/.installed debian-test-deps
-	$(BIN)/python bench/live.py
+	$(BIN)/python -m bench.live
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

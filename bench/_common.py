@@ -1,9 +1,9 @@
 """Helpers shared by the benchmarks in ``bench/``: servers, /proc figures, raw MQTT, statistics.
 
-Nothing here knows about one benchmark. Import it from a script in ``bench/`` run as
-``python bench/NAME.py`` (the script's folder is then first on ``sys.path``)::
+Nothing here knows about one benchmark. The benchmarks run as modules from the repository
+root (``python -m bench.NAME``), so they share the test rig's helpers too::
 
-    from _common import Mosquitto, ProcStats, Subscriber, median
+    from bench._common import Mosquitto, ProcStats, Subscriber, median
 
 What it holds:
 
@@ -44,6 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+# The same helpers as the test rig's, not copies of them.
+from tests.rig.ports import LOOPBACK, free_port, port_accepts
+from tests.rig.servers import stop_process
+
 __all__ = [
     "LOOPBACK",
     "BenchError",
@@ -67,7 +71,6 @@ __all__ = [
     "wait_until",
 ]
 
-LOOPBACK = "127.0.0.1"
 POLL_INTERVAL = 0.02
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -77,22 +80,6 @@ class BenchError(RuntimeError):
 
 
 # --- ports and waiting ---------------------------------------------------------------------
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port the kernel says is free now (another process may still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float, interval: float = POLL_INTERVAL) -> None:
@@ -114,17 +101,6 @@ def spawn(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
         log.write(f"---- starting: {' '.join(argv)}\n".encode())
         log.flush()
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM our own process and wait; SIGKILL it if it has not exited after ``timeout``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 def log_tail(log_path: Path, lines: int = 30) -> str:

@@ -1,6 +1,6 @@
 """Live readings through the gateway to the cloud broker, against raw amqtt on this machine.
 
-``make bench-live`` runs ``python bench/live.py``. Everything is on 127.0.0.1, every
+``make bench-live`` runs ``python -m bench.live``. Everything is on 127.0.0.1, every
 process is started and stopped by this script through its own handle, and the temporary
 directory is removed at the end. It measures:
 
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     LOOPBACK,
     BenchError,
     Mosquitto,
@@ -277,8 +277,11 @@ def run_subscriber(args: argparse.Namespace) -> int:
 # --- the controller ------------------------------------------------------------------------
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
 def worker_argv(command: str, **options: object) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), command]
+    argv = [sys.executable, "-m", "bench.live", command]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
@@ -293,7 +296,8 @@ class Workers:
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+            # From the repository root, where ``-m bench.live`` is found, wherever we were started.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=REPOSITORY)
         self.running.append(proc)
         return proc
 

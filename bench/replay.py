@@ -1,6 +1,6 @@
 """Replay of a buffered backlog: the gateway against a Mosquitto-to-Mosquitto bridge.
 
-``make bench-replay`` runs ``python bench/replay.py``; ``--records 50000`` for a quick run.
+``make bench-replay`` runs ``python -m bench.replay``; ``--records 50000`` for a quick run.
 Everything is on 127.0.0.1, every process is started and stopped by this script through
 its own handle (also on Ctrl-C, SIGTERM and errors), every wait has a deadline (a drain
 without a new record for ``--stall-timeout`` seconds fails), and the temporary directory is
@@ -69,7 +69,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import (
+from bench._common import (
     LOOPBACK,
     BenchError,
     Counts,
@@ -86,7 +86,6 @@ from _common import (
     spawn,
     stop_process,
 )
-
 from fieldlink.wire import Record, TopicKind, Value, encode_record, topic
 from gateway.buffer import StoreAndForwardBuffer
 from gateway.sources.base import Reading

@@ -114,8 +114,14 @@ class Mosquitto:
             # tests would blame on the gateway. 0 means unlimited.
             "max_queued_messages 0",
             "log_dest stdout",
-            # Not `all`: debug logs every PUBLISH, which slows high-volume tests.
-            "log_type error warning notice information subscribe unsubscribe",
+            # Not `all`: debug logs every PUBLISH, which slows high-volume tests. One type
+            # per line: mosquitto 2.0 reads only the first word of a log_type line.
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "log_type subscribe",
+            "log_type unsubscribe",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "connection_messages true",
         ]
