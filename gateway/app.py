@@ -280,6 +280,25 @@ class GatewayApp:
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    @staticmethod
+    async def _stop_inputs(inputs: list[asyncio.Task[None]]) -> None:
+        """Cancel the inputs and wait for them, cancelling again if one swallowed it.
+
+        On Python 3.11, asyncio.wait_for (used inside client libraries such as pymodbus) can
+        swallow a cancellation that arrives as its inner call completes; a poll loop then
+        runs on and the stop would hang.
+        """
+        pending = set(inputs)
+        for attempt in range(20):
+            if attempt and pending:
+                log.warning("an input ignored its cancellation; cancelling again", extra={"attempt": attempt})
+            for task in pending:
+                task.cancel()
+            if not pending:
+                return
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        log.error("inputs did not stop", extra={"tasks": ", ".join(t.get_name() for t in pending)})
+
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in two phases (no drain if ``drain_on_stop`` is off)."""
         await self.buffer.open()
@@ -305,10 +324,7 @@ class GatewayApp:
                 await stop.wait()
 
                 log.info("stopping: inputs")
-                for task in inputs:
-                    task.cancel()
-                if inputs:
-                    await asyncio.wait(inputs)
+                await self._stop_inputs(inputs)
                 drained = self.drain_on_stop and await self.uplink.wait_drained(self.config.gateway.drain_timeout)
                 remaining = (await self.buffer.stats()).messages
                 log.info("stopping: drain done", extra={"drained": drained, "left_in_buffer": remaining})

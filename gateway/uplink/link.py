@@ -286,6 +286,7 @@ class Uplink:
         # (Not "the oldest message is that old": on a slow link a full window takes longer
         # than ack_timeout to go out, yet every PUBACK proves the link alive.)
         if self._inflight and time.monotonic() - self._last_progress > self.config.ack_timeout:
+            self.state = "disconnected"  # before anyone (the health report) can see the count
             self.dead_links += 1
             conn.abort()
             raise ConnectionLost(f"no PUBACK within {self.config.ack_timeout:g}s; link presumed dead")
@@ -336,7 +337,10 @@ class Uplink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
-            await self.buffer.flush()
+            # Bounded: while PUBACKs stream in, the buffer is never idle for long.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await self.buffer.flush()
             if (await self.buffer.stats()).messages == 0:
                 return True
             if self._conn is None:
