@@ -118,7 +118,8 @@ class StoreAndForwardBuffer:
         self._accepted_since = 0.0
         self._accepted_bytes = 0  # of the acknowledged entries awaiting deletion, as far as known
         self._writer: asyncio.Task[None] | None = None
-        self._last_seq: dict[str, int] = {}
+        self._last_seq: dict[str, int] = {}  # handed out (includes the writer's batch in progress)
+        self._buffered_seq: dict[str, int] = {}  # committed (spill mode: admitted)
         self._reserved_seq: dict[str, int] = {}
         self._seq_floor = 0
         self._next_expiry = 0.0
@@ -154,6 +155,7 @@ class StoreAndForwardBuffer:
         self._seq_floor = await self._run(self._store.seq_floor)
         self._last_seq = await self._run(self._store.sequences)
         self._reserved_seq = dict(self._last_seq)
+        self._buffered_seq = dict(self._last_seq)
         # Totals as of the last commit this (loop) side has seen: consistent with _deleting.
         self._count, self._bytes = dict(self._store.count), dict(self._store.bytes)
         max_id = await self._run(self._store.max_id)
@@ -411,7 +413,8 @@ class StoreAndForwardBuffer:
         self._listeners.append(listener)
 
     def last_seq(self) -> dict[str, int]:
-        return dict(self._last_seq)
+        """The last sequence number per device that is buffered (readable by the uplink)."""
+        return dict(self._buffered_seq)
 
     # --- the writer ----------------------------------------------------------------------
 
@@ -685,6 +688,8 @@ class StoreAndForwardBuffer:
             return
         for message in messages:
             self._tail[message.id] = message.entry()
+            if message.device is not None and message.seq is not None:
+                self._buffered_seq[message.device] = message.seq
         self._visible_id = messages[-1].id
         if not self.spill:
             while len(self._tail) > TAIL_ENTRIES:

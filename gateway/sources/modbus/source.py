@@ -108,7 +108,13 @@ class ModbusSource:
         state: DeviceState | None = None
         failures = 0
         next_poll = loop.time()
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A cancellation swallowed on the way (Python 3.11's asyncio.wait_for, inside
+                # pymodbus, can lose one that arrives as the response does) still counts:
+                # without this the poll loop runs on and the gateway's stop never ends.
+                raise asyncio.CancelledError
             try:
                 reading = await self._poll(device)
             except Exception as exc:  # a poll task never dies: every failure is a device state
