@@ -18,7 +18,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -466,7 +466,3 @@ def produced_records(path: Path) -> set[tuple[str, int]]:
         db.close()
     floor = 0 if floor_row is None else int(floor_row[0])
     return {(device, seq) for device, last in rows for seq in range(floor + 1, last + 1)}
-
-
-def ids_of(entries: Iterable[Entry]) -> list[int]:
-    return [e.id for e in entries]

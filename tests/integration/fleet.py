@@ -62,7 +62,8 @@ port = {port}
 """
 
 
-def modbus_source(name: str, port: int, poll: str = "250ms") -> str:
+def _modbus_connection(name: str, port: int) -> str:
+    """The [[sources]] header of a Modbus TCP source on the simulator: short timeouts and retries."""
     return f"""
 [[sources]]
 kind = "modbus_tcp"
@@ -72,7 +73,11 @@ port = {port}
 timeout = "500ms"
 retry_min = "200ms"
 retry_max = "1s"
-  [[sources.devices]]
+"""
+
+
+def modbus_source(name: str, port: int, poll: str = "250ms") -> str:
+    return _modbus_connection(name, port) + f"""  [[sources.devices]]
   name = "boiler-1"
   unit = 1
   poll_interval = "{poll}"
@@ -228,16 +233,7 @@ def counter_source(name: str, port: int, poll: str = "50ms", devices: tuple[str,
 """
         for unit, device in enumerate(devices, start=1)
     )
-    return f"""
-[[sources]]
-kind = "modbus_tcp"
-name = "{name}"
-host = "127.0.0.1"
-port = {port}
-timeout = "500ms"
-retry_min = "200ms"
-retry_max = "1s"
-{units}"""
+    return _modbus_connection(name, port) + units
 
 
 def with_keys(config_text: str, section: str, keys: str) -> str:
