@@ -461,26 +461,32 @@ class StoreAndForwardBuffer:
                 else:
                     await self._commit(batch, accepted, freed)
             except Exception as exc:  # disk full, I/O error: report, keep running
-                self.write_failures += 1
-                if self.write_failures == 1:  # once per episode, not once per reading
-                    log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
-                self._accepted[:0] = accepted  # retry the deletes with the next commit
-                self._accepted_bytes += freed
-                if self.spill:
-                    self._shed_memory()
-                failed = [p for p in batch if not p.done.done()]
-                self._count_drops(DropReason.WRITE_ERROR, [p.priority for p in failed])
-                for pending in failed:
-                    pending.done.set_exception(BufferError(str(exc)))
-                # A failing disk is not retried in a tight loop (new messages meanwhile wait in
-                # the queue in durable mode, and are shed from memory in spill mode).
-                await asyncio.sleep(min(1.0, 0.02 * 2 ** min(self.write_failures, 6)))
+                await self._write_failed(exc, batch, accepted, freed)
             else:
                 if self.write_failures:
                     log.warning("buffer writes again", extra={"failed_commits": self.write_failures})
                     self.write_failures = 0
             if not self._queue and not self._accepted:
                 self._idle.set()
+
+    async def _write_failed(self, exc: Exception, batch: list[_Pending], accepted: list[int], freed: int) -> None:
+        """A pass could not write: its new messages are dropped (counted), its deletes retried."""
+        self.write_failures += 1
+        if self.write_failures == 1:  # once per episode, not once per reading
+            log.error("buffer write failed", extra={"error": str(exc), "messages": len(batch)})
+        self._accepted[:0] = accepted  # retry the deletes with the next commit
+        self._accepted_bytes += freed
+        failed = [p for p in batch if not p.done.done()]
+        self._count_drops(DropReason.WRITE_ERROR, [p.priority for p in failed])
+        for pending in failed:
+            pending.done.set_exception(BufferError(str(exc)))
+        if self.spill:
+            self._shed_memory()
+            # Every admission over spill_memory wakes the writer: without a pause a failing
+            # disk would be retried in a tight loop (memory is shed meanwhile). Durable mode
+            # needs none: producers wait for their commit, so the writer retries at most as
+            # often as they poll.
+            await asyncio.sleep(min(0.25, 0.02 * 2 ** min(self.write_failures, 4)))
 
     def _build(self, batch: list[_Pending]) -> list[tuple[_Pending, NewMessage, tuple[Record, bytes] | None]]:
         """Give each pending message its id (and a reading its seq and payload), in arrival order."""
