@@ -6,9 +6,9 @@ PYTHON   ?= python3
 BIN      := $(VENV)/bin
 DURATION ?=
 # Debian packages the tests talk to (real servers, never mocks).
-TEST_DEBS := mosquitto victoria-metrics openssl
+TEST_DEBS := mosquitto victoria-metrics openssl mbpoll
 
-.PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live
+.PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live bench-acquisition
 
 demo: $(VENV)/.installed
 	@$(BIN)/firmware-sim demo $(if $(DURATION),--duration $(DURATION))
@@ -17,7 +17,7 @@ test: $(VENV)/.installed debian-test-deps
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-# Long runs, not part of `make test`: a randomized fault campaign and the two benchmarks.
+# Long runs, not part of `make test`: a randomized fault campaign and the benchmarks.
 # Each prints its figures; the last line is the one to quote.
 chaos: $(VENV)/.installed debian-test-deps
 	$(BIN)/python -m tests.chaos $(if $(DURATION),--duration $(DURATION)) $(if $(SEED),--seed $(SEED))
@@ -27,6 +27,9 @@ bench-replay: $(VENV)/.installed debian-test-deps
 
 bench-live: $(VENV)/.installed debian-test-deps
 	$(BIN)/python -m bench.live
+
+bench-acquisition: $(VENV)/.installed debian-test-deps
+	$(BIN)/python -m bench.acquisition
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

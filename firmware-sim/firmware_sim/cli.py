@@ -106,6 +106,13 @@ async def _serve(fleet: SimFleet) -> int:
     except SimulatorError as exc:
         print(f"firmware-sim: {exc}", file=sys.stderr)
         return 2
+    # Serial ports are paths a person has to type into the gateway's config: say where.
+    for server in fleet.servers:
+        if server.serial_port is not None:
+            units = ",".join(map(str, server.units))
+            print(f"{server.name}: Modbus RTU on {server.serial_port} (units {units})", flush=True)
+    for sensor in fleet.sensors:
+        print(f"{sensor.config.name}: serial sensor ({sensor.config.format}) on {sensor.path}", flush=True)
     try:
         await _until_stop_signal()
     finally:

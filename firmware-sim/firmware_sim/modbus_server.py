@@ -1,54 +1,92 @@
-"""Modbus TCP servers backed by signals: the only module that imports pymodbus.
+"""Modbus servers backed by signals: TCP, RTU on a pty, and RTU framing over TCP.
 
-pymodbus' simulator (``SimDevice``/``SimData``) keeps a list of register words per
-table and calls an ``action`` coroutine before it answers a request, with that
-list to modify in place. We declare each configured register as a block of raw
-words and, in the action, overwrite the requested ones with the signals' values at
-that instant, so a read never returns a stale value and no background task ticks.
+The bytes are ours (``protocol``: requests answered from live registers, RTU
+framing and CRC); this module moves them and applies faults. No pymodbus here:
+a fault must control exactly what leaves the server (nothing at all, a corrupt
+CRC, a closed connection), which pymodbus' server does not offer, and the
+simulator, being the oracle for a pymodbus client, should not share its code.
 
-pymodbus' API moves between minor versions; keep every use of it in this file.
+* ``tcp``: MBAP framing; a unit id nobody configured answers exception 11
+  ("gateway target failed to respond"), as a TCP gateway with a missing device does.
+* ``rtu``: one RS-485 bus on a pty (``pty_port``); units answer in turn (a slow
+  unit holds the bus) and an unknown unit id gets silence, as on a real bus.
+* ``rtu_tcp``: RTU frames over a TCP connection, like a serial device server;
+  each connection is its own bus; unknown units are silent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Final
-
-from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimAction, SimData, SimDevice
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Final, Literal
 
 from . import SimulatorError
-from .signals import Clock, LiveRegister, Table
+from .faults import Fault, FaultKind
+from .memory import UnitMemory
+from .protocol import (
+    GATEWAY_NO_RESPONSE,
+    READ_FUNCTIONS,
+    WRITE_FUNCTIONS,
+    RtuParser,
+    answer,
+    exception_pdu,
+    request_spans,
+    rtu_frame,
+)
+from .pty_port import PtyPort
+from .signals import Clock, LiveRegister
 
-__all__ = ["ModbusSimServer"]
+__all__ = ["ModbusSimServer", "Served", "Transport"]
 
 log = logging.getLogger(__name__)
 
-# pymodbus logs at INFO on every start and stop; what operators need we log ourselves.
-# Only a default is set: a program that configured the "pymodbus" logger keeps its choice.
-if logging.getLogger("pymodbus").level == logging.NOTSET:
-    logging.getLogger("pymodbus").setLevel(logging.WARNING)
+Transport = Literal["tcp", "rtu", "rtu_tcp"]
 
-# Function code -> the table it addresses. Coils and discrete inputs (1, 2, 5, 15)
-# are not simulated and answer "illegal address".
-_TABLE_OF: Final[dict[int, Table]] = {
-    3: "holding",
-    6: "holding",
-    16: "holding",
-    22: "holding",
-    23: "holding",
-    4: "input",
-}
-# pymodbus also reads back after a write (to build the echo of function 6, or the
-# old value for a mask write); only these are reads a client asked for.
-_READ_CODES: Final = frozenset({3, 4, 23})
-_ANY_UNIT: Final = 0  # pymodbus routes a unit id with no SimDevice of its own to id 0
+_MBAP: Final = struct.Struct(">HHHB")  # transaction, protocol, length (unit + PDU), unit
+# Stands for the 3.5-character silence that ends an RTU frame: a pty has no baud
+# rate, so a partial frame this old is noise, dropped before the next request.
+RTU_IDLE_GAP: Final = 0.05
+
+
+@dataclass
+class Served:
+    """Requests a unit (or a whole server) received, as on the wire.
+
+    ``reads`` counts functions 1, 2, 3, 4 and 23, ``writes`` 5, 6, 15, 16, 22 and 23
+    (a 23 is both), whatever the outcome; ``exceptions`` those answered with an
+    exception (a fault's included); ``unanswered`` those a fault swallowed
+    (no_response, drop_connection).
+    """
+
+    reads: int = 0
+    writes: int = 0
+    exceptions: int = 0
+    unanswered: int = 0
+
+    def __add__(self, other: Served) -> Served:
+        return Served(
+            self.reads + other.reads,
+            self.writes + other.writes,
+            self.exceptions + other.exceptions,
+            self.unanswered + other.unanswered,
+        )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    pdu: bytes | None  # None: say nothing
+    drop: bool = False  # close the connection instead
+    corrupt_crc: bool = False
+
+
+_SILENCE: Final = _Outcome(None)
 
 
 class ModbusSimServer:
-    """One Modbus TCP listener answering for several unit ids.
+    """One endpoint (TCP listener or RTU bus) answering for several unit ids.
 
     ``devices`` maps a unit id to its registers; ``clock`` gives the seconds since
     the fleet started, which is what the signals are functions of.
@@ -58,154 +96,213 @@ class ModbusSimServer:
         self,
         name: str,
         host: str,
-        port: int,
+        port: int | None,
         devices: Mapping[int, Sequence[LiveRegister]],
         clock: Clock,
+        *,
+        transport: Transport = "tcp",
+        serial_port: str | None = None,
     ) -> None:
+        if (transport == "rtu") != (serial_port is not None):
+            raise ValueError("an rtu server needs a serial_port, and only an rtu server has one")
         self.name = name
         self.host = host
         self.port = port
-        self.reads = 0
-        self._devices = {unit: list(registers) for unit, registers in devices.items()}
+        self.transport = transport
+        self.serial_port = serial_port
+        self.reads = 0  # read requests answered with data (not exceptions); kept for older tests
+        self.unknown_unit_requests = 0
+        self._units = {unit: UnitMemory(registers) for unit, registers in devices.items()}
+        self._served = {unit: Served() for unit in devices}
+        self._faults: dict[int, Fault] = {}
         self._clock = clock
-        self._server: ModbusTcpServer | None = None
+        self._listener: asyncio.Server | None = None
+        self._pty: PtyPort | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def units(self) -> list[int]:
+        return list(self._units)
+
+    @property
+    def endpoint(self) -> str:
+        """Where clients find it: ``host:port``, or the serial port's path."""
+        return self.serial_port if self.serial_port is not None else f"{self.host}:{self.port}"
+
+    # --- counters and faults -------------------------------------------------------------
+
+    def served(self, unit: int | None = None) -> Served:
+        """A copy of the counters of ``unit``, or of all configured units together."""
+        if unit is None:
+            return sum(self._served.values(), Served())
+        return replace(self._served[self._known(unit)])
+
+    def set_fault(self, unit: int, fault: Fault) -> None:
+        """From now on ``unit`` misbehaves as ``fault`` says (replacing any earlier fault)."""
+        self._known(unit)
+        if fault.kind is FaultKind.BAD_CRC and self.transport == "tcp":
+            raise ValueError(f"server {self.name!r} speaks Modbus TCP, which has no CRC to corrupt")
+        if fault.kind is FaultKind.DROP_CONNECTION and self.transport == "rtu":
+            raise ValueError(f"server {self.name!r} is a serial bus: no connection to drop (use no_response)")
+        self._faults[unit] = fault
+
+    def clear_fault(self, unit: int | None = None) -> None:
+        """Serve ``unit`` (or every unit) normally again."""
+        if unit is None:
+            self._faults.clear()
+        else:
+            self._faults.pop(self._known(unit), None)
+
+    def _known(self, unit: int) -> int:
+        if unit not in self._units:
+            raise KeyError(f"server {self.name!r} has no unit {unit}")
+        return unit
+
+    # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen; raise SimulatorError if the address cannot be bound."""
-        sim_devices = [self._sim_device(unit, regs) for unit, regs in self._devices.items()]
-        sim_devices.append(self._absent_unit())
-        # ModbusTcpServer needs a running loop at construction, hence here and not in __init__.
-        server = ModbusTcpServer(context=sim_devices, address=(self.host, self.port))
+        """Listen (or open the pty); raise SimulatorError if that is impossible."""
+        if self.serial_port is not None:
+            self._pty = PtyPort(self.serial_port)
+            try:
+                self._pty.open()
+            except OSError as exc:
+                raise SimulatorError(f"server {self.name!r} cannot create {self.serial_port}: {exc}") from exc
+            self._spawn(self._serve_rtu(self._pty.read, self._pty.write))
+            return
+        handler = self._on_tcp_client if self.transport == "tcp" else self._on_rtu_tcp_client
         try:
-            await server.serve_forever(background=True)
-        except RuntimeError as exc:  # pymodbus' way of saying that bind() failed
-            await server.shutdown()
+            self._listener = await asyncio.start_server(handler, self.host, self.port)
+        except OSError as exc:
             raise SimulatorError(
                 f"server {self.name!r} cannot listen on {self.host}:{self.port}"
                 " (port in use, or not an address of this machine)"
             ) from exc
-        self._server = server
 
     async def stop(self) -> None:
-        if self._server is not None:
-            server, self._server = self._server, None
-            await server.shutdown()
+        if self._listener is not None:
+            self._listener.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.wait_closed()
+        if self._pty is not None:
+            pty, self._pty = self._pty, None
+            pty.close()
 
-    # --- building pymodbus devices ---------------------------------------------------
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _sim_device(self, unit: int, registers: Sequence[LiveRegister]) -> SimDevice:
-        t = self._clock()
-        tables: dict[Table, list[SimData]] = {"holding": [], "input": []}
-        for reg in registers:
-            tables[reg.table].append(
-                SimData(
-                    address=reg.address,
-                    values=reg.words(t),
-                    datatype=DataType.REGISTERS,  # raw words: we encode, pymodbus only stores
-                    readonly=reg.table == "input",
-                )
-            )
-        # The 4-block form keeps holding and input registers apart.
-        return SimDevice(
-            id=unit,
-            simdata=(
-                [_bits_placeholder()],
-                [_bits_placeholder()],
-                tables["holding"] or [_invalid_placeholder()],
-                tables["input"] or [_invalid_placeholder()],
-            ),
-            action=self._action(unit, registers),
-        )
+    # --- transports ----------------------------------------------------------------------
 
-    def _absent_unit(self) -> SimDevice:
-        """Answer a unit id nobody configured with "gateway target failed to respond".
+    async def _connection(self, writer: asyncio.StreamWriter, serve: Awaitable[None]) -> None:
+        """Run one client connection so that stop() can end it; close it however it ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            await serve
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away
+        except asyncio.CancelledError:
+            # stop() cancels us. Returning ends this task all the same; raising would make
+            # asyncio's stream callback log a traceback for a cancelled connection (3.11).
+            pass
+        finally:
+            self._tasks.discard(task)
+            self._writers.discard(writer)
+            writer.close()
 
-        That is what a Modbus TCP gateway says for a device that is missing behind
-        it; without this device pymodbus fails with a KeyError and a logged traceback.
-        The blocks span every address so the action runs whatever is asked (about
-        2 MB and 10 ms per server, built once at start).
-        """
+    async def _on_tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._connection(writer, self._serve_tcp(reader, writer))
 
-        async def absent(*_: object) -> ExcCodes:
-            return ExcCodes.GATEWAY_NO_RESPONSE
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            transaction, protocol, length, unit = _MBAP.unpack(await reader.readexactly(_MBAP.size))
+            if not 2 <= length <= 254:
+                return  # not Modbus TCP: hang up, as devices do
+            pdu = await reader.readexactly(length - 1)
+            outcome = await self._handle(unit, pdu, silent_unknown=False)
+            if outcome.drop:
+                return
+            if outcome.pdu is not None:
+                writer.write(_MBAP.pack(transaction, protocol, len(outcome.pdu) + 1, unit) + outcome.pdu)
+                await writer.drain()
 
-        everything = 0x10000
-        return SimDevice(
-            id=_ANY_UNIT,
-            simdata=(
-                [_bits_placeholder()],
-                [_bits_placeholder()],
-                [SimData(address=0, count=everything, datatype=DataType.REGISTERS)],
-                [SimData(address=0, count=everything, datatype=DataType.REGISTERS)],
-            ),
-            action=absent,
-        )
+    async def _on_rtu_tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._connection(writer, self._serve_rtu(lambda: reader.read(4096), writer.write))
 
-    def _action(self, unit: int, registers: Sequence[LiveRegister]) -> SimAction:
-        by_table: dict[Table, list[LiveRegister]] = {"holding": [], "input": []}
-        for reg in registers:
-            by_table[reg.table].append(reg)
+    async def _serve_rtu(self, read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], None]) -> None:
+        """Answer RTU requests one at a time, as a half-duplex bus does; return on EOF or drop."""
+        parser = RtuParser()
+        while True:
+            if parser.pending:
+                try:
+                    async with asyncio.timeout(RTU_IDLE_GAP):
+                        data = await read()
+                except TimeoutError:
+                    parser.reset()  # a gap ends any frame: what we hold is noise
+                    continue
+            else:
+                data = await read()
+            if not data:
+                return
+            for unit, pdu in parser.feed(data):
+                outcome = await self._handle(unit, pdu, silent_unknown=True)
+                if outcome.drop:
+                    return
+                if outcome.pdu is not None:
+                    write(rtu_frame(unit, outcome.pdu, corrupt_crc=outcome.corrupt_crc))
 
-        async def on_request(  # noqa: PLR0917 (pymodbus calls it positionally)
-            function_code: int,
-            start_address: int,
-            address: int,
-            count: int,
-            current: list[int],
-            set_values: list[int] | list[bool] | None,
-        ) -> ExcCodes | None:
-            table = _TABLE_OF.get(function_code)
-            if table is None:
-                return ExcCodes.ILLEGAL_ADDRESS
-            last = address + count - 1
-            touched = [reg for reg in by_table[table] if reg.address <= last and address <= reg.end]
-            # Refresh whole values, even when the request covers half of a 32-bit one,
-            # so its two words always belong to the same instant.
-            t = self._clock()
-            for reg in touched:
-                offset = reg.address - start_address
-                current[offset : offset + reg.width] = reg.words(t)
-            if set_values is None:
-                if function_code in _READ_CODES:
-                    self.reads += 1
-                return None
-            written = dict(enumerate((int(v) for v in set_values), start=address))
-            for reg in touched:
-                offset = reg.address - start_address
-                self._pin(unit, reg, current[offset : offset + reg.width], written)
-            return None
+    # --- one request ---------------------------------------------------------------------
 
-        return on_request
+    async def _handle(self, unit: int, pdu: bytes, *, silent_unknown: bool) -> _Outcome:
+        memory = self._units.get(unit)
+        if memory is None:
+            self.unknown_unit_requests += 1
+            return _SILENCE if silent_unknown else _Outcome(exception_pdu(pdu[0], GATEWAY_NO_RESPONSE))
+        function = pdu[0]
+        served = self._served[unit]
+        served.reads += function in READ_FUNCTIONS
+        served.writes += function in WRITE_FUNCTIONS
+        fault = self._faults.get(unit)
+        if fault is not None and not fault.hits(request_spans(pdu)):
+            fault = None
+        if fault is not None:
+            if fault.kind in {FaultKind.NO_RESPONSE, FaultKind.DROP_CONNECTION}:
+                served.unanswered += 1
+                return _Outcome(None, drop=fault.kind is FaultKind.DROP_CONNECTION)
+            if fault.kind is FaultKind.EXCEPTION:
+                served.exceptions += 1
+                return _Outcome(exception_pdu(function, fault.code))
+            if fault.kind is FaultKind.SLOW:
+                await asyncio.sleep(fault.delay)
+        reply = answer(memory, pdu, self._clock())
+        if reply.is_exception:
+            served.exceptions += 1
+        elif function in READ_FUNCTIONS:
+            self.reads += 1
+        for reg in reply.written:
+            self._log_write(unit, reg)
+        return _Outcome(reply.pdu, corrupt_crc=fault is not None and fault.kind is FaultKind.BAD_CRC)
 
-    def _pin(self, unit: int, reg: LiveRegister, words: list[int], written: dict[int, int]) -> None:
-        """Freeze a register at what a client wrote.
-
-        ``words`` are its words now, ``written`` maps address -> written word; a word of
-        a 32-bit value the client did not write keeps its value of this instant.
-        """
-        for i in range(reg.width):
-            words[i] = written.get(reg.address + i, words[i])
-        reg.written = words
+    def _log_write(self, unit: int, reg: LiveRegister) -> None:
         log.info(
             "register written",
             extra={
                 "server": self.name,
                 "unit": unit,
+                "table": reg.table,
                 "address": reg.address,
                 "register": reg.name or "-",
-                "raw": ",".join(map(str, words)),
+                "raw": ",".join(map(str, reg.written or [])),
             },
         )
-
-
-# pymodbus wants at least one entry in each of the four blocks.
-
-
-def _invalid_placeholder() -> SimData:
-    # An empty register table: an INVALID entry answers "illegal address".
-    return SimData(address=0, datatype=DataType.INVALID)
-
-
-def _bits_placeholder() -> SimData:
-    # Coils and discrete inputs must be BITS blocks; the action refuses them anyway.
-    return SimData(address=0, datatype=DataType.BITS)

@@ -26,14 +26,20 @@ def problems(path: Path) -> list[str]:
 
 
 def test_sample_config_loads() -> None:
+    # The sample is the annotated reference: it should use every transport, table, type and signal.
     config = load_sim_config(SAMPLE)
-    assert len(config.servers) == 1
+    assert [s.transport for s in config.servers] == ["tcp", "rtu", "tcp", "rtu_tcp"]
     devices = config.servers[0].devices
     assert [d.unit for d in devices] == [1, 2, 3]
-    registers = [r for d in devices for r in d.registers]
-    assert {r.type for r in registers} >= {"float32", "int16", "uint16", "uint32"}
-    assert {r.table for r in registers} == {"holding", "input"}
-    assert {r.signal.kind for r in registers} == {"constant", "ramp", "sine"}
+    registers = [r for s in config.servers for d in s.devices for r in d.registers]
+    assert {r.type for r in registers} == {
+        "float32", "int16", "uint16", "uint32", "bool", "string", "uint64", "float64"
+    }  # fmt: skip
+    assert {r.table for r in registers} == {"holding", "input", "coil", "discrete_input"}
+    assert {r.signal.kind for r in registers} == {"constant", "ramp", "sine", "step", "random_walk"}
+    expanded = config.expand()
+    assert len(expanded) == 1 + 1 + 100 + 1
+    assert sorted(expanded[1].devices) == [1, 10, 11]
 
 
 def test_defaults_and_durations(tmp_path: Path) -> None:
@@ -174,7 +180,7 @@ def test_schema_errors_are_all_reported(tmp_path: Path) -> None:
             [[servers.devices.registers]]
             address = 0
             table = "coils"
-            type = "float64"
+            type = "float16"
             signal = { kind = "sine", amplitude = 5.0, period = "0s", noise = -1 }
             [[servers.devices.registers]]
             address = 2
@@ -192,12 +198,14 @@ def test_schema_errors_are_all_reported(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}: servers[0].port: must be 1..65535, got 70000",
         f"{path}: servers[0].devices[0].unit: must be <= 247, got 248",
-        f"{path}: {regs}[0].table: must be one of 'holding' or 'input', got 'coils'",
-        f"{path}: {regs}[0].type: must be one of 'uint16', 'int16', 'uint32', 'int32' or 'float32', got 'float64'",
+        f"{path}: {regs}[0].table: must be one of 'coil', 'discrete_input', 'holding' or 'input', got 'coils'",
+        f"{path}: {regs}[0].type: must be one of 'bool', 'int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64', "
+        "'float32', 'float64' or 'string', got 'float16'",
         f"{path}: {regs}[0].signal.period: must be > 0, got '0s'",
         f"{path}: {regs}[0].signal.noise: must be >= 0.0, got -1",
         f"{path}: {regs}[1].scale: must not be 0 (raw = value / scale)",
-        f"{path}: {regs}[1].signal: unknown kind 'sawtooth'; known kinds: 'constant', 'ramp', 'sine'",
+        f"{path}: {regs}[1].signal: unknown kind 'sawtooth'; "
+        "known kinds: 'constant', 'ramp', 'sine', 'step', 'random_walk'",
         f"{path}: {regs}[2].address: must be >= 0, got -1",
         f"{path}: {regs}[2].signal.slope: required key is missing",
         f"{path}: {regs}[2].signal.colour: unknown key",
@@ -231,7 +239,11 @@ def test_ramp_bounds(tmp_path: Path) -> None:
 
 def test_empty_lists_are_errors(tmp_path: Path) -> None:
     path = write(tmp_path, "servers = []\n")
-    assert problems(path) == [f"{path}: servers: list should have at least 1 item after validation, not 0"]
+    assert problems(path) == [f"{path}: nothing to simulate: add [[servers]] or [[serial_sensors]]"]
+    path = write(tmp_path, '[[serial_sensors]]\nname = "x"\nformat = "nmea"\n')
+    assert problems(path) == [
+        f"{path}: serial_dir is required with serial_sensors (the folder for their port symlinks)"
+    ]
 
 
 def noise_fleet(tmp_path: Path, seed: int) -> SimFleet:
