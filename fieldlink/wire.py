@@ -34,6 +34,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "TELEMETRY_FILTER",
     "BatchJoiner",
+    "Command",
     "Encoding",
     "Quality",
     "Record",
@@ -43,8 +44,10 @@ __all__ = [
     "WireError",
     "check_topic_level",
     "decode",
+    "decode_command",
     "decode_state",
     "encode_batch",
+    "encode_command_result",
     "encode_record",
     "encode_state",
     "topic",
@@ -448,3 +451,74 @@ def decode_state(payload: bytes) -> dict[str, Any]:
     if not isinstance(body, dict) or not isinstance(body.get("state"), str):
         raise WireError("state payload has no 'state'")
     return body
+
+
+# --- commands to devices (JSON both ways) ------------------------------------------------
+
+COMMAND_OPS = ("write",)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """``{"id": "c-1", "op": "write", "tag": "setpoint", "value": 71.5}`` on ``.../dev/<device>/cmd``."""
+
+    id: str | None
+    op: str
+    tag: str
+    value: Scalar
+
+
+class BadCommand(WireError):
+    """A command that cannot be carried out as sent; ``command_id`` is its id when one was readable."""
+
+    def __init__(self, reason: str, command_id: str | None) -> None:
+        super().__init__(reason)
+        self.command_id = command_id
+
+
+def decode_command(payload: bytes) -> Command:
+    """A command from its JSON payload; BadCommand says what is wrong."""
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise BadCommand(f"command is not JSON: {exc}", None) from None
+    if not isinstance(body, dict):
+        raise BadCommand("command must be a JSON object", None)
+    raw_id = body.get("id")
+    command_id = None if raw_id is None else str(raw_id)
+    try:
+        return _command(body, command_id)
+    except WireError as exc:
+        raise BadCommand(str(exc), command_id) from None
+
+
+def _command(body: dict[str, Any], command_id: str | None) -> Command:
+    if command_id is not None and (not isinstance(body["id"], str | int) or isinstance(body["id"], bool)):
+        raise WireError("command id must be a string")
+    op = body.get("op", "write")
+    if op not in COMMAND_OPS:
+        raise WireError(f"unknown op {op!r} (known: {', '.join(COMMAND_OPS)})")
+    tag = body.get("tag")
+    if not isinstance(tag, str) or not tag:
+        raise WireError("command needs a tag (the name of the tag to write)")
+    if "value" not in body:
+        raise WireError("command needs a value")
+    value = body["value"]
+    if value is None or not isinstance(value, bool | int | float | str):
+        raise WireError(f"value must be a number, true/false or a string, got {value!r}")
+    return Command(command_id, op, tag, value)
+
+
+def encode_command_result(
+    command_id: str | None,
+    status: str,
+    ts: int,
+    reason: str | None = None,
+    **extra: Any,
+) -> bytes:
+    """``{"id", "status": "ok"|"error"|"timeout", "ts", "reason"?, ...}`` on ``.../cmd/result``."""
+    body: dict[str, Any] = {"id": command_id, "status": status, "ts": ts}
+    if reason:
+        body["reason"] = reason
+    body.update(extra)
+    return json.dumps(body, separators=(",", ":")).encode()

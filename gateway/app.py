@@ -25,10 +25,21 @@ from typing import Any
 
 from fieldlink.embedded_broker import EmbeddedBroker
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
-from fieldlink.wire import Topic, TopicKind, WireError, decode, encode_state, topic
+from fieldlink.wire import (
+    BadCommand,
+    Command,
+    Topic,
+    TopicKind,
+    WireError,
+    decode,
+    decode_command,
+    encode_command_result,
+    encode_state,
+    topic,
+)
 from gateway.buffer import BufferError, DropReason, StoreAndForwardBuffer
 from gateway.config import GatewayConfig
-from gateway.sources.base import DeviceState, Reading
+from gateway.sources.base import CommandError, DeviceState, Reading, WritableSource
 from gateway.sources.registry import build_source
 from gateway.uplink import Uplink
 
@@ -39,6 +50,10 @@ log = logging.getLogger(__name__)
 LOCAL_INTAKE_CONCURRENCY = 8  # chunks of local records on their way into the buffer at once
 LOCAL_INTAKE_CHUNK_BYTES = 256_000  # payload bytes of local messages per chunk
 LOCAL_INBOX_BYTES = 8_000_000  # payload bytes from local publishers waiting for the buffer (bounds memory)
+COMMAND_DEADLINE = 30.0  # seconds a device write may wait for its bus and its answer
+# A retained command reaches the gateway again on every connection: carrying it out
+# would repeat the write after each reconnect.
+RETAINED_REFUSED = "retained commands are not carried out (they would run again on every reconnect)"
 
 
 def _now_ms() -> int:
@@ -65,6 +80,16 @@ class GatewayApp:
             else None
         )
         self.sources = [build_source(source) for source in config.sources]
+        # Devices whose source executes writes: their commands are carried out here, not relayed.
+        self._writers: dict[str, WritableSource] = {
+            device: source  # type: ignore[misc]
+            for source in self.sources
+            if callable(getattr(source, "write", None))
+            for device in source.devices
+        }
+        self._commands: set[asyncio.Task[None]] = set()
+        self.commands_executed = 0
+        self.commands_failed = 0
         self.readings_published = 0  # polls of our own sources, buffered and published locally
         self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
         self.local_rejected_total = 0
@@ -114,6 +139,9 @@ class GatewayApp:
         except WireError:
             return  # not ours: local traffic of other applications
         if (parsed.site, parsed.gateway) != (self.site, self.gateway_id):
+            return
+        if parsed.kind is TopicKind.COMMAND and parsed.device in self._writers:
+            self._start_command(parsed.device, payload, origin=f"local:{client_id}")
             return
         if parsed.kind in (TopicKind.TELEMETRY, TopicKind.COMMAND_RESULT):
             if not self._taking_local:
@@ -205,11 +233,68 @@ class GatewayApp:
         with contextlib.suppress(BufferError):  # counted by reason and reported by the buffer
             await self.buffer.add_message(topic_name, payload)
 
-    async def _relay_command(self, topic_name: str, payload: bytes) -> None:
-        """A command from the cloud: hand it to the device side through the local broker."""
+    async def _relay_command(self, topic_name: str, payload: bytes, retained: bool = False) -> bool:
+        """A command from the cloud: carried out if the device is ours (False), else relayed locally (True)."""
+        with contextlib.suppress(WireError):
+            parsed = Topic.parse(topic_name)
+            if parsed.device in self._writers:
+                self._start_command(parsed.device, payload, origin="cloud", retained=retained)
+                return False
         if self.broker is None:
             raise RuntimeError("no local broker to relay commands to (local_broker.enabled = false)")
         await self.broker.publish(topic_name, payload)
+        return True
+
+    # --- commands to our own devices --------------------------------------------------------
+
+    def _start_command(self, device: str, payload: bytes, origin: str, retained: bool = False) -> None:
+        # Its own task: a write waits for its bus, and neither the uplink nor the local
+        # broker may wait for that.
+        task = asyncio.create_task(self._execute_command(device, payload, origin, retained), name=f"command-{device}")
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+
+    async def _write(self, device: str, command: Command) -> tuple[str, str | None]:
+        """Status and reason of one write."""
+        try:
+            async with asyncio.timeout(COMMAND_DEADLINE):
+                await self._writers[device].write(device, command.tag, command.value)
+        except CommandError as exc:
+            return exc.status, exc.reason
+        except TimeoutError:
+            reason = f"not done within {COMMAND_DEADLINE:g}s (bus busy); the write may or may not have happened"
+            return "timeout", reason
+        return "ok", None
+
+    async def _execute_command(self, device: str, payload: bytes, origin: str, retained: bool) -> None:
+        """Carry out one command and publish its result (ok / error / timeout, with the reason)."""
+        details: dict[str, Any] = {"device": device}
+        try:
+            command = decode_command(payload)
+        except BadCommand as exc:
+            command_id, status, reason = exc.command_id, "error", f"bad command: {exc}"
+        else:
+            command_id = command.id
+            details.update(tag=command.tag, value=command.value)
+            if retained:
+                status, reason = "error", RETAINED_REFUSED
+            else:
+                status, reason = await self._write(device, command)
+        if status == "ok":
+            self.commands_executed += 1
+        else:
+            self.commands_failed += 1
+        # Every write attempt is logged with who asked for it.
+        log.log(
+            logging.INFO if status == "ok" else logging.WARNING,
+            "device write",
+            extra={"id": command_id, "origin": origin, **details, "status": status, "reason": reason or "-"},
+        )
+        result_topic = topic(TopicKind.COMMAND_RESULT, self.site, self.gateway_id, device)
+        result = encode_command_result(command_id, status, _now_ms(), reason, **details)
+        await self._buffer_message(result_topic, result)
+        if self.broker is not None:
+            await self.broker.publish(result_topic, result)
 
     # --- health ----------------------------------------------------------------------------
 
@@ -248,6 +333,7 @@ class GatewayApp:
             "control_drops": buffer.control_drops,
             "uplink": self.uplink.metrics(),
             "devices": {name: state.value for name, state in self.device_states.items()},
+            "commands": {"executed": self.commands_executed, "failed": self.commands_failed},
             "last_seq": buffer.last_seq(),
             "sources": {source.name: source.counters() for source in self.sources},
         }
@@ -324,7 +410,7 @@ class GatewayApp:
                 await stop.wait()
 
                 log.info("stopping: inputs")
-                await self._stop_inputs(inputs)
+                await self._stop_inputs([*inputs, *self._commands])
                 drained = self.drain_on_stop and await self.uplink.wait_drained(self.config.gateway.drain_timeout)
                 remaining = (await self.buffer.stats()).messages
                 log.info("stopping: drain done", extra={"drained": drained, "left_in_buffer": remaining})

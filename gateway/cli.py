@@ -1,4 +1,4 @@
-"""``fieldlink-gateway``: check a config, or run the gateway."""
+"""``fieldlink-gateway``: check a config, run the gateway, or probe a Modbus device."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fieldlink.configkit import ConfigError
 from fieldlink.logs import setup_logging
 from fieldlink.runner import run_async
 from gateway.config import GatewayConfig, load_gateway_config
+from gateway.probe import add_probe_parser, run_probe
 
 log = logging.getLogger("gateway")
 
@@ -28,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True)
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", choices=["kv", "json"])
+
+    add_probe_parser(commands)
     return parser
 
 
@@ -86,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check(args.file)
+    if args.command == "probe":
+        return run_probe(args)
     try:
         config = load_gateway_config(args.config)
     except ConfigError as exc:

@@ -18,12 +18,12 @@ from typing import Protocol
 
 from fieldlink.wire import Value
 
-__all__ = ["DeviceState", "Reading", "ReadingSink", "Source"]
+__all__ = ["CommandError", "DeviceState", "Reading", "ReadingSink", "Source", "WritableSource"]
 
 
 class DeviceState(StrEnum):
     ONLINE = "online"
-    DEGRADED = "degraded"  # answering but failing often: set by the circuit breaker of issue #3 (not built yet)
+    DEGRADED = "degraded"  # failing repeatedly: its circuit breaker is open, it is retried with backoff
     OFFLINE = "offline"
 
 
@@ -54,4 +54,25 @@ class Source(Protocol):
 
     def counters(self) -> dict[str, int]:
         """Monotonic counters for the health topic (requests, errors, ...)."""
+        ...
+
+
+class CommandError(Exception):
+    """A command a source refused or could not carry out.
+
+    ``status`` is what the command result says: ``"error"`` (refused, or the device
+    answered with an error) or ``"timeout"`` (the device did not answer).
+    """
+
+    def __init__(self, reason: str, status: str = "error") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class WritableSource(Source, Protocol):
+    """A source whose devices accept writes (the gateway routes ``cmd`` topics to it)."""
+
+    async def write(self, device: str, tag: str, value: object) -> None:
+        """Write ``value`` to ``tag`` of ``device``; raises CommandError saying why not."""
         ...

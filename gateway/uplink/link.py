@@ -41,7 +41,8 @@ READ_AHEAD_WINDOWS = 4
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[str, bytes], Awaitable[None]]  # (topic without prefix, payload)
+# (topic without prefix, payload, retained) -> True if relayed to the local broker, False if carried out
+CommandHandler = Callable[[str, bytes, bool], Awaitable[bool]]
 
 
 def _now_ms() -> int:
@@ -74,6 +75,7 @@ class Uplink:
         self.connects_total = 0
         self.dead_links = 0  # connections dropped because a PUBACK did not come in time
         self.commands_relayed = 0
+        self.commands_received = 0  # for the gateway's own devices: carried out, not relayed
         self.commands_dropped = 0
         self.lanes: list[Lane] = []
         self.backlog_boundary = 0
@@ -178,8 +180,11 @@ class Uplink:
                 self.commands_dropped += 1
                 continue
             try:
-                await self.on_command(local_topic, bytes(message.payload))  # type: ignore[misc]
-                self.commands_relayed += 1
+                relayed = await self.on_command(local_topic, bytes(message.payload), bool(message.retain))  # type: ignore[misc]
+                if relayed:
+                    self.commands_relayed += 1
+                else:
+                    self.commands_received += 1
             except Exception as exc:  # the local side failed: report, keep the link
                 self.commands_dropped += 1
                 log.warning("command not relayed", extra={"topic": local_topic, "error": str(exc)})
@@ -322,6 +327,7 @@ class Uplink:
                 for lane in self.lanes
             },
             "commands_relayed": self.commands_relayed,
+            "commands_received": self.commands_received,
             "commands_dropped": self.commands_dropped,
         }
 

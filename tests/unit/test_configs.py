@@ -13,6 +13,7 @@ from cloud.config import load_cloud_config
 from fieldlink.configkit import ConfigError
 from firmware_sim.config import load_sim_config
 from gateway.config import load_gateway_config
+from gateway.sources.registry import source_kinds
 from tests.rig.programs import BIN
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -75,16 +76,16 @@ GATEWAY_MINIMAL = '[gateway]\nsite = "s"\nid = "g"\n'
             ],
         ),
         (
-            GATEWAY_MINIMAL + '[[sources]]\nkind = "modbus_rtu"\nname = "x"\n',
-            ["sources[0].kind: unknown source kind 'modbus_rtu' (known: modbus_tcp)"],
+            GATEWAY_MINIMAL + '[[sources]]\nkind = "modbus_ascii"\nname = "x"\n',
+            [f"sources[0].kind: unknown source kind 'modbus_ascii' (known: {', '.join(sorted(source_kinds()))})"],
         ),
         (
             GATEWAY_MINIMAL + '[[sources]]\nkind = "modbus_tcp"\nname = "bus"\nhost = "h"\n'
             '[[sources.devices]]\nname = "d"\n'
-            'registers = [{ name = "t", address = 0, type = "float64", colour = 1 }]\n',
+            'registers = [{ name = "t", address = 0, type = "float128", colour = 1 }]\n',
             [
-                "sources[0].devices[0].registers[0].type: must be one of 'uint16', 'int16', 'uint32', 'int32' "
-                "or 'float32', got 'float64'",
+                "sources[0].devices[0].registers[0].type: must be one of 'bool', 'uint16', 'int16', 'uint32', "
+                "'int32', 'uint64', 'int64', 'float32', 'float64' or 'string', got 'float128'",
                 "sources[0].devices[0].registers[0].colour: unknown key",
             ],
         ),

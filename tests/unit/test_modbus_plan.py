@@ -7,8 +7,9 @@ from pydantic import ValidationError
 
 from fieldlink.wire import Quality, Value, ValueType
 from gateway.sources.modbus.codec import ByteOrder, RegisterType, encode_registers
-from gateway.sources.modbus.config import MAX_REGISTERS_PER_READ, RegisterConfig
-from gateway.sources.modbus.source import ReadBlock, _tag_value, plan_reads
+from gateway.sources.modbus.config import MAX_REGISTERS_PER_READ, ModbusTcpConfig, RegisterConfig
+from gateway.sources.modbus.plan import ReadBlock, plan_reads
+from gateway.sources.modbus.source import tag_value
 
 
 def tag(name: str, address: int, kind: str = "uint16", table: str = "holding", **options: object) -> RegisterConfig:
@@ -27,7 +28,7 @@ def assert_every_tag_served_once(registers: list[RegisterConfig], blocks: list[R
         for t in block.tags:
             assert t.table == block.table
             assert block.start <= t.address
-            assert t.address + t.type.width <= block.start + block.count
+            assert t.address + t.width <= block.start + block.count
 
 
 # --- plan_reads ---------------------------------------------------------------------------
@@ -97,13 +98,17 @@ def test_no_registers_means_no_reads() -> None:
     assert plan_reads([]) == []
 
 
-# --- _tag_value ---------------------------------------------------------------------------
+def _tag_value(register: RegisterConfig, words: list[int]) -> Value:
+    return tag_value(register, words, register.byte_order or ByteOrder.ABCD)
+
+
+# --- tag_value ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["uint16", "int16", "uint32", "int32"])
 def test_integer_register_without_scale_stays_an_int(kind: str) -> None:
     register = tag("count", 0, kind, unit="pcs")
-    value = _tag_value(register, encode_registers(42, register.type, register.byte_order))
+    value = _tag_value(register, encode_registers(42, register.kind, ByteOrder.ABCD))
     assert value == Value(42, "pcs", Quality.GOOD, ValueType.INT)
     assert type(value.value) is int
 
@@ -156,7 +161,7 @@ def test_register_config_defaults() -> None:
     register = tag("a", 0)
     assert (register.table, register.byte_order, register.scale, register.offset, register.unit) == (
         "holding",
-        ByteOrder.ABCD,
+        None,
         1.0,
         0.0,
         None,
@@ -175,18 +180,27 @@ def test_decimals_follow_scale_and_offset(scale: float, offset: float, decimals:
     assert tag("a", 0, scale=scale, offset=offset).decimals == decimals
 
 
+def _bus(*registers: dict[str, object], address_base: int = 0) -> ModbusTcpConfig:
+    device = {"name": "d", "registers": list(registers)}
+    raw = {"kind": "modbus_tcp", "name": "bus", "host": "127.0.0.1", "address_base": address_base, "devices": [device]}
+    return ModbusTcpConfig.model_validate(raw)
+
+
 def test_a_register_must_fit_in_the_address_space() -> None:
-    assert tag("last", 65535).address == 65535
-    assert tag("last32", 65534, "float32").address == 65534
-    with pytest.raises(ValidationError, match="float32 at address 65535 runs past register 65535"):
-        tag("too-far", 65535, "float32")
+    _bus({"name": "last", "address": 65535, "type": "uint16"})
+    _bus({"name": "last32", "address": 65534, "type": "float32"})
+    _bus({"name": "one-based", "address": 65536, "type": "uint16"}, address_base=1)
+    with pytest.raises(ValidationError, match="'too-far' runs past the last address"):
+        _bus({"name": "too-far", "address": 65535, "type": "float32"})
+    with pytest.raises(ValidationError, match="below address_base 1"):
+        _bus({"name": "zero", "address": 0, "type": "uint16"}, address_base=1)
     with pytest.raises(ValidationError, match="address"):
         tag("negative", -1)
 
 
 @pytest.mark.parametrize(
     "changes",
-    [{"table": "coil"}, {"type": "float64"}, {"byte_order": "ABDC"}, {"name": ""}, {"colour": "red"}],
+    [{"table": "coils"}, {"type": "float128"}, {"byte_order": "ABDC"}, {"name": ""}, {"colour": "red"}],
 )
 def test_register_config_rejects_bad_options(changes: dict[str, object]) -> None:
     raw = {"name": "a", "address": 0, "type": "uint16", **changes}

@@ -10,9 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymodbus.client.mixin import ModbusClientMixin
 
-from gateway.sources.modbus.codec import ByteOrder, RegisterType, decode_registers, encode_registers
+from gateway.sources.modbus.codec import (
+    ByteOrder,
+    CodecError,
+    RegisterType,
+    decode_registers,
+    decode_string,
+    encode_registers,
+    encode_string,
+)
 
 ABCD, CDAB, BADC, DCBA = ByteOrder.ABCD, ByteOrder.CDAB, ByteOrder.BADC, ByteOrder.DCBA
+NUMERIC = [k for k in RegisterType if k.is_numeric]
 
 VECTORS = [
     # float32 1.0 is 0x3F800000
@@ -48,6 +57,20 @@ VECTORS = [
     (RegisterType.INT32, -2, DCBA, [0xFEFF, 0xFFFF]),
     (RegisterType.INT32, -(2**31), ABCD, [0x8000, 0x0000]),
     (RegisterType.INT32, -(2**31), DCBA, [0x0000, 0x0080]),
+    # 64-bit: the same two swaps, over four words
+    (RegisterType.UINT64, 0x0102030405060708, ABCD, [0x0102, 0x0304, 0x0506, 0x0708]),
+    (RegisterType.UINT64, 0x0102030405060708, CDAB, [0x0708, 0x0506, 0x0304, 0x0102]),
+    (RegisterType.UINT64, 0x0102030405060708, BADC, [0x0201, 0x0403, 0x0605, 0x0807]),
+    (RegisterType.UINT64, 0x0102030405060708, DCBA, [0x0807, 0x0605, 0x0403, 0x0201]),
+    (RegisterType.INT64, -2, ABCD, [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE]),
+    (RegisterType.INT64, -2, CDAB, [0xFFFE, 0xFFFF, 0xFFFF, 0xFFFF]),
+    (RegisterType.INT64, -2, BADC, [0xFFFF, 0xFFFF, 0xFFFF, 0xFEFF]),
+    (RegisterType.INT64, -2, DCBA, [0xFEFF, 0xFFFF, 0xFFFF, 0xFFFF]),
+    # float64 1.0 is 0x3FF0000000000000
+    (RegisterType.FLOAT64, 1.0, ABCD, [0x3FF0, 0, 0, 0]),
+    (RegisterType.FLOAT64, 1.0, CDAB, [0, 0, 0, 0x3FF0]),
+    (RegisterType.FLOAT64, 1.0, BADC, [0xF03F, 0, 0, 0]),
+    (RegisterType.FLOAT64, 1.0, DCBA, [0, 0, 0, 0xF03F]),
 ]
 
 
@@ -68,18 +91,62 @@ def test_every_type_and_order_has_a_vector() -> None:
     assert {
         (k, o) for k in (RegisterType.FLOAT32, RegisterType.INT16, RegisterType.UINT32) for o in ByteOrder
     } <= covered
-    assert {k for k, _ in covered} == set(RegisterType)
+    assert {k for k, _ in covered} == set(NUMERIC)
 
 
 def test_widths() -> None:
-    assert {k: k.width for k in RegisterType} == {
-        RegisterType.UINT16: 1,
-        RegisterType.INT16: 1,
-        RegisterType.UINT32: 2,
-        RegisterType.INT32: 2,
-        RegisterType.FLOAT32: 2,
+    assert {k.value: k.width for k in NUMERIC} == {
+        "uint16": 1,
+        "int16": 1,
+        "uint32": 2,
+        "int32": 2,
+        "uint64": 4,
+        "int64": 4,
+        "float32": 2,
+        "float64": 4,
     }
-    assert [k for k in RegisterType if not k.is_integer] == [RegisterType.FLOAT32]
+    assert [k for k in NUMERIC if not k.is_integer] == [RegisterType.FLOAT32, RegisterType.FLOAT64]
+
+
+@pytest.mark.parametrize(
+    ("long", "short"), [("ABCDEFGH", ABCD), ("GHEFCDAB", CDAB), ("BADCFEHG", BADC), ("HGFEDCBA", DCBA)]
+)
+def test_64_bit_spellings_are_synonyms(long: str, short: ByteOrder) -> None:
+    assert ByteOrder.parse(long) is short
+    assert ByteOrder.parse(short.value.lower()) is short
+    with pytest.raises(ValueError, match="unknown byte order 'ABDC'"):
+        ByteOrder.parse("ABDC")
+
+
+def test_strings_keep_character_order_and_swap_bytes_only() -> None:
+    assert encode_string("AB12", 3, ABCD) == [0x4142, 0x3132, 0]
+    assert encode_string("AB12", 3, CDAB) == [0x4142, 0x3132, 0]
+    assert encode_string("AB12", 3, BADC) == [0x4241, 0x3231, 0]
+    assert decode_string([0x4241, 0x3231, 0], DCBA) == "AB12"
+    assert decode_string([0x4142, 0x4320, 0x2020], ABCD) == "ABC"  # space padding removed
+    assert decode_string([0x4142, 0x0058], ABCD) == "AB"  # garbage after a NUL ignored
+    with pytest.raises(CodecError, match="3 registers hold at most 6"):
+        encode_string("1234567", 3, ABCD)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(st.characters(min_codepoint=1, max_codepoint=255), max_size=20).map(str.rstrip),
+    order=st.sampled_from(list(ByteOrder)),
+)
+def test_string_round_trip(text: str, order: ByteOrder) -> None:
+    assert decode_string(encode_string(text, 10, order), order) == text
+
+
+def test_out_of_range_values_are_codec_errors() -> None:
+    with pytest.raises(CodecError, match="outside the range of int16"):
+        encode_registers(40000, RegisterType.INT16, ABCD)
+    with pytest.raises(CodecError, match="outside the range of uint64"):
+        encode_registers(-1, RegisterType.UINT64, ABCD)
+    with pytest.raises(CodecError, match="not a whole number"):
+        encode_registers(1.5, RegisterType.UINT16, ABCD)
+    with pytest.raises(CodecError, match="does not fit float32"):
+        encode_registers(1e300, RegisterType.FLOAT32, ABCD)
 
 
 _RANGES = {
@@ -87,10 +154,13 @@ _RANGES = {
     RegisterType.INT16: st.integers(-(2**15), 2**15 - 1),
     RegisterType.UINT32: st.integers(0, 2**32 - 1),
     RegisterType.INT32: st.integers(-(2**31), 2**31 - 1),
+    RegisterType.UINT64: st.integers(0, 2**64 - 1),
+    RegisterType.INT64: st.integers(-(2**63), 2**63 - 1),
     RegisterType.FLOAT32: st.floats(width=32, allow_nan=False),
+    RegisterType.FLOAT64: st.floats(allow_nan=False),
 }
 
-values_of_every_type = st.sampled_from(list(RegisterType)).flatmap(lambda k: st.tuples(st.just(k), _RANGES[k]))
+values_of_every_type = st.sampled_from(NUMERIC).flatmap(lambda k: st.tuples(st.just(k), _RANGES[k]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -107,9 +177,9 @@ def test_decode_inverts_encode(kind_value: tuple[RegisterType, float], order: By
 
 @settings(max_examples=300, deadline=None)
 @given(
-    kind=st.sampled_from(list(RegisterType)),
+    kind=st.sampled_from(NUMERIC),
     order=st.sampled_from(list(ByteOrder)),
-    words=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2),
+    words=st.lists(st.integers(0, 0xFFFF), min_size=4, max_size=4),
 )
 def test_encode_inverts_decode(kind: RegisterType, order: ByteOrder, words: list[int]) -> None:
     words = words[: kind.width]
@@ -131,10 +201,10 @@ def test_nan_and_infinity_survive() -> None:
             )
 
 
-@pytest.mark.parametrize("kind", list(RegisterType))
+@pytest.mark.parametrize("kind", NUMERIC)
 @pytest.mark.parametrize("order", list(ByteOrder))
 def test_wrong_register_count_is_a_value_error(kind: RegisterType, order: ByteOrder) -> None:
-    for count in (0, kind.width - 1, kind.width + 1, 4):
+    for count in (0, kind.width - 1, kind.width + 1, 5):
         if count == kind.width:
             continue
         with pytest.raises(ValueError, match=f"{kind.value} needs {kind.width} registers, got {count}"):
@@ -148,7 +218,10 @@ _DATATYPE = {
     RegisterType.INT16: ModbusClientMixin.DATATYPE.INT16,
     RegisterType.UINT32: ModbusClientMixin.DATATYPE.UINT32,
     RegisterType.INT32: ModbusClientMixin.DATATYPE.INT32,
+    RegisterType.UINT64: ModbusClientMixin.DATATYPE.UINT64,
+    RegisterType.INT64: ModbusClientMixin.DATATYPE.INT64,
     RegisterType.FLOAT32: ModbusClientMixin.DATATYPE.FLOAT32,
+    RegisterType.FLOAT64: ModbusClientMixin.DATATYPE.FLOAT64,
 }
 
 
@@ -167,7 +240,7 @@ def test_abcd_matches_pymodbus_big_word_order(kind_value: tuple[RegisterType, fl
 
 
 @settings(max_examples=200, deadline=None)
-@given(kind_value=values_of_every_type.filter(lambda kv: kv[0].width == 2))
+@given(kind_value=values_of_every_type.filter(lambda kv: kv[0].width > 1))
 def test_cdab_matches_pymodbus_little_word_order(kind_value: tuple[RegisterType, float]) -> None:
     kind, value = kind_value
     theirs = ModbusClientMixin.convert_to_registers(value, _DATATYPE[kind], word_order="little")

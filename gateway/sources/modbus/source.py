@@ -1,113 +1,334 @@
-"""Polls the devices of one Modbus TCP connection and turns register maps into readings."""
+"""Polls the devices of one Modbus bus, turns register maps into readings, writes tags.
+
+Each device has its own poll task; the bus (:class:`ModbusBus`) serializes their
+requests. A device's tags are grouped by poll interval and each group is read with
+as few requests as coalescing allows (:mod:`plan`); what a poll returns passes the
+tags' report filters (:mod:`report`) and the rest becomes one :class:`Reading`.
+
+Failure handling, per device:
+
+* an exception response (illegal address, device busy) makes that read's tags
+  ``bad`` and the device stays online: it answered. A merged read refused with
+  "illegal data address" is split into one read per tag from then on, so a gap the
+  device does not map costs one tag, not its neighbours.
+* a timeout is retried ``retries`` times. A poll that still fails counts; after
+  ``breaker_threshold`` failed polls in a row the breaker opens: the device is
+  ``degraded`` and is only probed (one attempt, no retries) on an exponential
+  backoff, so a dead device costs its bus one timeout per probe. After
+  ``offline_after`` failed polls, or when the bus itself is unreachable, it is
+  ``offline``. One good answer closes the breaker.
+* a poll task never dies: anything unexpected is logged and treated as a failure.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
+import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fieldlink.wire import Quality, Value, ValueType
-from gateway.sources.base import DeviceState, Reading, ReadingSink
+from gateway.sources.base import CommandError, DeviceState, Reading, ReadingSink
 from gateway.sources.modbus.client import (
+    BusSpec,
     BusUnavailable,
     DeviceException,
     DeviceTimeout,
+    ModbusBus,
     ModbusError,
-    ModbusTcpClient,
 )
-from gateway.sources.modbus.codec import decode_registers
+from gateway.sources.modbus.codec import (
+    ByteOrder,
+    CodecError,
+    RegisterType,
+    decode_registers,
+    decode_string,
+    encode_registers,
+    encode_string,
+)
 from gateway.sources.modbus.config import (
-    MAX_REGISTERS_PER_READ,
     DeviceConfig,
+    ModbusBusConfig,
+    ModbusRtuConfig,
+    ModbusRtuTcpConfig,
     ModbusTcpConfig,
     RegisterConfig,
 )
+from gateway.sources.modbus.plan import ReadBlock, plan_reads
+from gateway.sources.modbus.report import ReportFilter
 
-__all__ = ["ModbusSource", "ReadBlock", "plan_reads"]
+__all__ = ["ModbusSource", "bus_spec", "tag_value"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ReadBlock:
-    """One request on the wire and the tags it serves."""
-
-    table: str
-    start: int
-    count: int
-    tags: tuple[RegisterConfig, ...]
+ILLEGAL_DATA_ADDRESS = 2
+LATENCY_WINDOW = 256  # recent request latencies kept per device for the health percentiles
 
 
-def plan_reads(registers: Sequence[RegisterConfig], max_count: int = MAX_REGISTERS_PER_READ) -> list[ReadBlock]:
-    """Merge tags whose registers touch or overlap into as few reads as possible."""
-    blocks: list[ReadBlock] = []
-    for table in ("holding", "input"):
-        tags = sorted((r for r in registers if r.table == table), key=lambda r: r.address)
-        current: list[RegisterConfig] = []
-        start = end = 0
-        for tag in tags:
-            tag_end = tag.address + tag.type.width
-            if current and tag.address <= end and max(end, tag_end) - start <= max_count:
-                current.append(tag)
-                end = max(end, tag_end)
-                continue
-            if current:
-                blocks.append(ReadBlock(table, start, end - start, tuple(current)))
-            current, start, end = [tag], tag.address, tag_end
-        if current:
-            blocks.append(ReadBlock(table, start, end - start, tuple(current)))
-    return blocks
+def bus_spec(config: ModbusBusConfig) -> BusSpec:
+    """The transport settings of a source config."""
+    if isinstance(config, ModbusRtuConfig):
+        # Modbus RTU wants 3.5 characters of silence between frames (1.75 ms above 19200 baud).
+        gap = config.inter_frame_delay
+        if gap is None:
+            gap = max(3.5 * config.char_time, 0.00175) if config.baudrate <= 19200 else 0.00175
+        return BusSpec(
+            "rtu",
+            serial_port=config.serial_port,
+            baudrate=config.baudrate,
+            parity=config.parity,
+            stopbits=config.stopbits,
+            bytesize=config.bytesize,
+            timeout=config.timeout,
+            inter_frame_delay=gap,
+        )
+    if isinstance(config, ModbusRtuTcpConfig):
+        return BusSpec(
+            "rtu_tcp",
+            host=config.host,
+            port=config.port,
+            timeout=config.timeout,
+            inter_frame_delay=config.inter_frame_delay or 0.0,
+        )
+    assert isinstance(config, ModbusTcpConfig)
+    return BusSpec(
+        "tcp",
+        host=config.host,
+        port=config.port,
+        timeout=config.timeout,
+        inter_frame_delay=config.inter_frame_delay or 0.0,
+    )
 
 
-def _tag_value(tag: RegisterConfig, words: Sequence[int]) -> Value:
-    raw = decode_registers(words, tag.type, tag.byte_order)
+def tag_value(tag: RegisterConfig, words: Sequence[int], order: ByteOrder) -> Value:
+    """The typed value of a tag from its registers (or its bit)."""
+    kind = tag.kind
+    if kind is RegisterType.BOOL:
+        raw = words[0] >> tag.bit & 1 if tag.bit is not None else words[0]
+        return Value(bool(raw), tag.unit, Quality.GOOD, ValueType.BOOL)
+    if kind is RegisterType.STRING:
+        return Value(decode_string(words, order), tag.unit, Quality.GOOD, ValueType.STRING)
+    number = decode_registers(words, kind, order)
+    if kind is RegisterType.FLOAT32:
+        number = shortest_float32(float(number))
     if tag.keeps_integer:
-        return Value(int(raw), tag.unit, Quality.GOOD, ValueType.INT)
-    scaled = float(raw) * tag.scale + tag.offset
-    if tag.type.is_integer:
+        return Value(int(number), tag.unit, Quality.GOOD, ValueType.INT)
+    scaled = float(number) * tag.scale + tag.offset
+    if kind.is_integer:
         scaled = round(scaled, tag.decimals)
+    if math.isnan(scaled) or math.isinf(scaled):
+        # A float register holding NaN/inf (uninitialised, sensor fault) is no measurement.
+        return Value(None, tag.unit, Quality.BAD, ValueType.FLOAT)
     return Value(scaled, tag.unit, Quality.GOOD, ValueType.FLOAT)
 
 
-def _bad_value(tag: RegisterConfig) -> Value:
-    return Value(None, tag.unit, Quality.BAD, ValueType.INT if tag.keeps_integer else ValueType.FLOAT)
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that is the same float32: 231.7, not 231.6999969482422.
+
+    A float32 register holds about 7 significant digits; widened to a Python float it
+    shows digits the device never had. The result converts back to the same 32 bits.
+    """
+    if math.isnan(value) or math.isinf(value):
+        return value
+    bits = struct.pack(">f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        with contextlib.suppress(OverflowError):  # rounded up past the float32 range
+            if struct.pack(">f", candidate) == bits:
+                return candidate
+    return value
 
 
-class ModbusSource:
-    """All devices behind one Modbus TCP endpoint; requests on the connection never overlap."""
+def value_type(tag: RegisterConfig) -> ValueType:
+    kind = tag.kind
+    if kind is RegisterType.BOOL:
+        return ValueType.BOOL
+    if kind is RegisterType.STRING:
+        return ValueType.STRING
+    return ValueType.INT if tag.keeps_integer else ValueType.FLOAT
 
-    def __init__(self, config: ModbusTcpConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self._client = ModbusTcpClient(config.host, config.port, config.timeout)
-        self._plans = {d.name: plan_reads(d.registers) for d in config.devices}
-        self._counters: Counter[str] = Counter()
-        self._refused: dict[tuple[str, int], str] = {}  # (device, block start) -> reason, to log changes only
 
-    @property
-    def devices(self) -> list[str]:
-        return [d.name for d in self.config.devices]
+def bad_value(tag: RegisterConfig) -> Value:
+    return Value(None, tag.unit, Quality.BAD, value_type(tag))
 
-    def counters(self) -> dict[str, int]:
-        return dict(self._counters)
+
+@dataclass
+class DeviceStats:
+    """Counters of one device, published on the gateway health topic."""
+
+    requests: int = 0
+    responses: int = 0
+    timeouts: int = 0
+    connect_failures: int = 0
+    crc_errors: int = 0
+    exceptions: Counter[int] = field(default_factory=Counter)
+    writes: int = 0
+    write_errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    latency_max_ms: float = 0.0
+
+    def record_latency(self, seconds: float) -> None:
+        ms = seconds * 1000
+        self.latencies_ms.append(ms)
+        if len(self.latencies_ms) > LATENCY_WINDOW:
+            del self.latencies_ms[: len(self.latencies_ms) - LATENCY_WINDOW]
+        self.latency_max_ms = max(self.latency_max_ms, ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        recent = sorted(self.latencies_ms)
+
+        def pct(p: float) -> float | None:
+            return round(recent[min(len(recent) - 1, int(p * len(recent)))], 2) if recent else None
+
+        return {
+            "requests": self.requests,
+            "responses": self.responses,
+            "timeouts": self.timeouts,
+            "connect_failures": self.connect_failures,
+            "crc_errors": self.crc_errors,
+            "exceptions": {str(code): n for code, n in sorted(self.exceptions.items())},
+            "writes": self.writes,
+            "write_errors": self.write_errors,
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": round(self.latency_max_ms, 2)},
+        }
+
+
+@dataclass
+class PollGroup:
+    interval: float
+    blocks: list[ReadBlock]
+    next_due: float = 0.0
+
+
+class PollFailed(Exception):
+    def __init__(self, cause: ModbusError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class DevicePoller:
+    """One device on the bus: its schedule, breaker, report filters and counters."""
+
+    def __init__(self, source: ModbusSource, device: DeviceConfig) -> None:
+        bus = source.config
+        self.source = source
+        self.device = device
+        self.name = device.name
+        self.timeout = device.timeout or bus.timeout
+        self.retries = bus.retries if device.retries is None else device.retries
+        self.base = bus.address_base if device.address_base is None else device.address_base
+        self.order = device.byte_order or bus.byte_order
+        max_count = device.max_registers_per_request or bus.max_registers_per_request
+        max_gap = bus.max_gap if device.max_gap is None else device.max_gap
+        self.tags = {tag.name: tag for tag in device.registers}
+        by_interval: dict[float, list[RegisterConfig]] = {}
+        for tag in device.registers:
+            by_interval.setdefault(device.interval_of(tag), []).append(tag)
+        self.groups = [
+            PollGroup(interval, plan_reads(tags, address_base=self.base, max_count=max_count, max_gap=max_gap))
+            for interval, tags in sorted(by_interval.items())
+        ]
+        self.filters = {tag.name: ReportFilter(tag) for tag in device.registers}
+        self.stats = DeviceStats()
+        self.state: DeviceState | None = None
+        self.failures = 0
+        self.wake = asyncio.Event()
+        self.write_lock = asyncio.Lock()
+
+    def order_of(self, tag: RegisterConfig) -> ByteOrder:
+        return tag.byte_order or self.order
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def request(self, call: Any, *args: Any, attempts: int) -> Any:
+        """One request with its retries; counts requests, timeouts, CRC errors and latency."""
+        bus = self.source.bus
+        for attempt in range(attempts):
+            self.stats.requests += 1
+            crc_before = bus.crc_errors
+            try:
+                result = await call(*args, timeout=self.timeout)
+            except DeviceTimeout:
+                self.stats.timeouts += 1
+                self.stats.crc_errors += bus.crc_errors - crc_before
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            except BusUnavailable:
+                self.stats.connect_failures += 1
+                raise
+            except DeviceException as exc:
+                self.stats.responses += 1
+                self.stats.exceptions[exc.code] += 1
+                self.stats.record_latency(bus.last_latency)
+                raise
+            self.stats.responses += 1
+            self.stats.crc_errors += bus.crc_errors - crc_before
+            self.stats.record_latency(bus.last_latency)
+            return result
+        raise AssertionError("unreachable")
+
+    async def read_block(self, group: PollGroup, index: int, values: dict[str, Value], attempts: int) -> None:
+        block = group.blocks[index]
+        unit = self.device.unit
+        try:
+            words = await self.request(
+                self.source.bus.read, block.table, unit, block.start, block.count, attempts=attempts
+            )
+        except DeviceException as exc:
+            if exc.code == ILLEGAL_DATA_ADDRESS and len(block.tags) > 1:
+                # A merged read the device refuses: from now on one read per tag, so only
+                # the tags it really does not map go bad.
+                log.warning(
+                    "merged read refused; reading its tags one by one",
+                    extra={"device": self.name, "address": block.start, "count": block.count, "reason": str(exc)},
+                )
+                singles = [
+                    ReadBlock(block.table, block.start + offset, tag.width, (tag,), (0,))
+                    for tag, offset in zip(block.tags, block.offsets, strict=True)
+                ]
+                group.blocks[index : index + 1] = singles
+                for i in range(index, index + len(singles)):
+                    await self.read_block(group, i, values, attempts)
+                return
+            self.source.note_refusal(self.name, block, str(exc))
+            values.update({tag.name: bad_value(tag) for tag in block.tags})
+            return
+        self.source.note_accepted(self.name, block)
+        for tag, offset in zip(block.tags, block.offsets, strict=True):
+            try:
+                values[tag.name] = tag_value(tag, words[offset : offset + tag.width], self.order_of(tag))
+            except (ValueError, OverflowError) as exc:  # cannot happen for valid words; never kill the poll
+                log.warning("undecodable register", extra={"device": self.name, "tag": tag.name, "reason": str(exc)})
+                values[tag.name] = bad_value(tag)
+
+    async def poll(self, groups: list[PollGroup], attempts: int) -> dict[str, Value]:
+        values: dict[str, Value] = {}
+        for group in groups:
+            index = 0
+            while index < len(group.blocks):
+                before = len(group.blocks)
+                try:
+                    await self.read_block(group, index, values, attempts)
+                except ModbusError as exc:
+                    raise PollFailed(exc) from None
+                index += 1 + len(group.blocks) - before
+        return values
+
+    # --- the poll loop ---------------------------------------------------------------------
 
     async def run(self, sink: ReadingSink) -> None:
-        try:
-            async with asyncio.TaskGroup() as group:
-                for device in self.config.devices:
-                    group.create_task(self._poll_forever(device, sink), name=f"poll-{device.name}")
-        finally:
-            self._client.close()
-
-    async def _poll_forever(self, device: DeviceConfig, sink: ReadingSink) -> None:
         loop = asyncio.get_running_loop()
-        state: DeviceState | None = None
-        failures = 0
-        next_poll = loop.time()
+        now = loop.time()
+        for group in self.groups:
+            group.next_due = now
         task = asyncio.current_task()
         while True:
             if task is not None and task.cancelling():
@@ -115,68 +336,229 @@ class ModbusSource:
                 # pymodbus, can lose one that arrives as the response does) still counts:
                 # without this the poll loop runs on and the gateway's stop never ends.
                 raise asyncio.CancelledError
-            try:
-                reading = await self._poll(device)
-            except Exception as exc:  # a poll task never dies: every failure is a device state
-                failures += 1
-                reason = str(exc)
-                if not isinstance(exc, ModbusError):
-                    log.exception("unexpected poll failure", extra={"device": device.name})
-                if state is not DeviceState.OFFLINE:
-                    state = DeviceState.OFFLINE
-                    log.warning("device offline", extra={"device": device.name, "reason": reason})
-                    await sink.device_state(device.name, state, reason)
-                await asyncio.sleep(self._backoff(failures))
-                next_poll = loop.time()
-                continue
-            failures = 0
-            if state is not DeviceState.ONLINE:
-                state = DeviceState.ONLINE
-                log.info("device online", extra={"device": device.name, "source": self.name})
-                await sink.device_state(device.name, state, None)
-            await sink.submit_reading(reading)
-            # Fixed rate: a slow poll shortens the next wait; a very late one skips ahead.
-            next_poll += device.poll_interval
             now = loop.time()
-            next_poll = max(next_poll, now)
-            await asyncio.sleep(next_poll - now)
+            breaker_open = self.failures >= self.source.config.breaker_threshold
+            due = self.groups if breaker_open else [g for g in self.groups if g.next_due <= now]
+            if not due:
+                await self._sleep_until(min(g.next_due for g in self.groups))
+                continue
+            ts = time.time_ns() // 1_000_000
+            try:
+                # With the breaker open a poll is a probe: one attempt, no retries.
+                values = await self.poll(due, 1 if breaker_open else self.retries + 1)
+            except PollFailed as failed:
+                await self._failed(failed.cause, sink)
+                delay = self._backoff() if self.failures >= self.source.config.breaker_threshold else None
+                now = loop.time()
+                for group in due:
+                    group.next_due = now + (delay if delay is not None else group.interval)
+                if delay is not None:
+                    await self._sleep_until(now + delay)
+                continue
+            except Exception:  # a poll task never dies
+                log.exception("unexpected poll failure", extra={"device": self.name})
+                await self._failed(ModbusError("internal error (see the log)"), sink)
+                await self._sleep_until(loop.time() + self._backoff())
+                continue
+            self._schedule(due, loop.time())
+            try:
+                await self._answered(sink)
+                await self._report(values, ts, sink)
+            except Exception:  # the sink's trouble: logged, and polling goes on
+                log.exception("could not hand over a reading", extra={"device": self.name})
 
-    def _backoff(self, failures: int) -> float:
+    def _schedule(self, groups: list[PollGroup], now: float) -> None:
+        # Fixed rate: a slow poll shortens the next wait; a very late one skips ahead.
+        for group in groups:
+            group.next_due = max(group.next_due + group.interval, now)
+
+    async def _sleep_until(self, deadline: float) -> None:
+        """Sleep until ``deadline`` (loop time) or until a write asks for a poll now."""
+        delay = deadline - asyncio.get_running_loop().time()
+        if delay <= 0:
+            return
+        self.wake.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await self.wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _report(self, values: dict[str, Value], ts: int, sink: ReadingSink) -> None:
+        now = time.monotonic()
+        sent = {name: value for name, value in values.items() if self.filters[name].offer(value, now)}
+        if sent:
+            ordered = {name: sent[name] for name in self.tags if name in sent}
+            await sink.submit_reading(Reading(self.name, ts, ordered))
+
+    async def _answered(self, sink: ReadingSink) -> None:
+        self.failures = 0
+        if self.state is not DeviceState.ONLINE:
+            if self.state is not None:
+                for report_filter in self.filters.values():
+                    report_filter.reset()  # after an outage, send fresh values of every tag
+            self.state = DeviceState.ONLINE
+            log.info("device online", extra={"device": self.name, "source": self.source.name})
+            await sink.device_state(self.name, DeviceState.ONLINE, None)
+
+    async def _failed(self, cause: ModbusError, sink: ReadingSink) -> None:
+        self.failures += 1
+        config = self.source.config
+        if isinstance(cause, BusUnavailable) or self.failures >= config.offline_after:
+            state = DeviceState.OFFLINE
+        elif self.failures >= config.breaker_threshold:
+            state = DeviceState.DEGRADED
+        else:
+            return  # a transient failure: retried at the next poll
+        reason = str(cause)
+        if state is DeviceState.DEGRADED:
+            reason = f"{self.failures} polls in a row failed, retrying with backoff: {cause}"
+        if state is not self.state:
+            self.state = state
+            log.warning(f"device {state.value}", extra={"device": self.name, "reason": reason})
+            await sink.device_state(self.name, state, reason)
+
+    def _backoff(self) -> float:
         """Exponential from retry_min to retry_max, with jitter so devices do not retry in step."""
-        delay = min(self.config.retry_max, self.config.retry_min * 2 ** min(failures - 1, 16))
+        config = self.source.config
+        steps = max(0, self.failures - config.breaker_threshold)
+        delay = min(config.retry_max, config.retry_min * 2 ** min(steps, 16))
         return delay * random.uniform(0.8, 1.0)
 
-    async def _poll(self, device: DeviceConfig) -> Reading:
-        ts = time.time_ns() // 1_000_000
-        values: dict[str, Value] = {}
-        for block in self._plans[device.name]:
-            self._counters["requests"] += 1
+    # --- writes ----------------------------------------------------------------------------
+
+    async def write(self, tag_name: str, value: object) -> None:
+        tag = self.tags.get(tag_name)
+        if tag is None:
+            raise CommandError(f"device {self.name!r} has no tag {tag_name!r}")
+        if not tag.writable:
+            raise CommandError(
+                f"tag {tag_name!r} of device {self.name!r} is not writable (writable = true in the config)"
+            )
+        bus, unit = self.source.bus, self.device.unit
+        address = tag.address - self.base
+        async with self.write_lock:
             try:
-                words = await self._client.read(block.table, device.unit, block.start, block.count)  # type: ignore[arg-type]
-            except DeviceException as exc:
-                # The device answered: it is online, these tags are bad, the rest still count.
-                self._counters[f"exception_{exc.code}"] += 1
-                log.warning(
-                    "read refused",
-                    extra={
-                        "device": device.name,
-                        "address": block.start,
-                        "count": block.count,
-                        "reason": str(exc),
-                    },
-                )
-                values.update({tag.name: _bad_value(tag) for tag in block.tags})
-                continue
-            except DeviceTimeout:
-                self._counters["timeouts"] += 1
-                raise
-            except BusUnavailable:
-                self._counters["connect_failures"] += 1
-                raise
-            if self._refused.pop((device.name, block.start), None) is not None:
-                log.info("read accepted again", extra={"device": device.name, "address": block.start})
-            for tag in block.tags:
-                offset = tag.address - block.start
-                values[tag.name] = _tag_value(tag, words[offset : offset + tag.type.width])
-        ordered = {tag.name: values[tag.name] for tag in device.registers}
-        return Reading(device.name, ts, ordered)
+                if tag.table == "coil":
+                    await self.request(bus.write_coil, unit, address, _as_bool(value), attempts=1)
+                elif tag.bit is not None:
+                    # One bit of a register: read, change the bit, write back (function 6).
+                    state = _as_bool(value)
+                    (word,) = await self.request(bus.read, "holding", unit, address, 1, attempts=self.retries + 1)
+                    mask = 1 << tag.bit
+                    word = word | mask if state else word & ~mask
+                    await self.request(bus.write_registers, unit, address, [word], attempts=1)
+                else:
+                    words = _encode_tag(tag, value, self.order_of(tag))
+                    await self.request(bus.write_registers, unit, address, words, attempts=1)
+            except DeviceTimeout as exc:
+                self.stats.write_errors += 1
+                raise CommandError(str(exc), "timeout") from None
+            except BusUnavailable as exc:
+                self.stats.write_errors += 1
+                raise CommandError(f"not written: {exc}") from None
+            except ModbusError as exc:
+                self.stats.write_errors += 1
+                raise CommandError(f"device refused the write: {exc}") from None
+            self.stats.writes += 1
+        # Read the new value back soon and send it even if report-by-exception would not.
+        self.filters[tag.name].reset()
+        interval = self.device.interval_of(tag)
+        for group in self.groups:
+            if group.interval == interval:
+                group.next_due = 0.0
+        self.wake.set()
+
+
+def _as_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise CommandError(f"expected true or false, got {value!r}")
+
+
+def _encode_tag(tag: RegisterConfig, value: object, order: ByteOrder) -> list[int]:
+    """Registers for a value, through the same type, scale and byte order as reads."""
+    kind = tag.kind
+    try:
+        if kind is RegisterType.STRING:
+            if not isinstance(value, str):
+                raise CommandError(f"expected a string, got {value!r}")
+            return encode_string(value, tag.length or 1, order)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CommandError(f"expected a number, got {value!r}")
+        raw: int | float = (value - tag.offset) / tag.scale if not tag.keeps_integer else value
+        if kind.is_integer:
+            rounded = round(raw)
+            if not tag.keeps_integer:
+                raw = rounded  # a scaled value becomes the nearest raw step
+            elif rounded != raw:
+                raise CommandError(f"{value!r} is not a whole number, as {kind.value} needs")
+        return encode_registers(raw, kind, order)
+    except CodecError as exc:
+        raise CommandError(str(exc)) from None
+
+
+class ModbusSource:
+    """All devices on one Modbus bus; requests on it never overlap."""
+
+    def __init__(self, config: ModbusBusConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.bus = ModbusBus(bus_spec(config))
+        self.pollers = {device.name: DevicePoller(self, device) for device in config.devices}
+        self._refused: dict[tuple[str, int], str] = {}  # (device, block start) -> reason, to log changes only
+
+    @property
+    def devices(self) -> list[str]:
+        return [d.name for d in self.config.devices]
+
+    def counters(self) -> dict[str, Any]:
+        per_device = {name: poller.stats.as_dict() for name, poller in self.pollers.items()}
+        totals: Counter[str] = Counter()
+        for stats in per_device.values():
+            for key in (
+                "requests",
+                "responses",
+                "timeouts",
+                "connect_failures",
+                "crc_errors",
+                "writes",
+                "write_errors",
+            ):
+                totals[key] += stats[key]
+            totals["exceptions"] += sum(stats["exceptions"].values())
+        return {**{k: totals[k] for k in sorted(totals)}, "endpoint": self.config.endpoint, "devices": per_device}
+
+    async def run(self, sink: ReadingSink) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for poller in self.pollers.values():
+                    group.create_task(poller.run(sink), name=f"poll-{poller.name}")
+        finally:
+            self.bus.close()
+
+    async def write(self, device: str, tag: str, value: object) -> None:
+        poller = self.pollers.get(device)
+        if poller is None:
+            raise CommandError(f"no device {device!r} on source {self.name!r}")
+        await poller.write(tag, value)
+
+    def note_refusal(self, device: str, block: ReadBlock, reason: str) -> None:
+        if self._refused.get((device, block.start)) != reason:
+            self._refused[(device, block.start)] = reason
+            log.warning(
+                "read refused",
+                extra={
+                    "device": device,
+                    "table": block.table,
+                    "address": block.start,
+                    "count": block.count,
+                    "reason": reason,
+                },
+            )
+
+    def note_accepted(self, device: str, block: ReadBlock) -> None:
+        if self._refused.pop((device, block.start), None) is not None:
+            log.info("read accepted again", extra={"device": device, "address": block.start})
