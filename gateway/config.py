@@ -73,7 +73,9 @@ def _cross_checks(config: GatewayConfig) -> list[Problem]:
             )
         source_names.setdefault(source.name, i)
         for j, device in enumerate(source.devices):
-            key = f"sources[{i}].devices[{j}].name"
+            # A single-device source (serial) names its device with `device`, not `devices[j].name`.
+            one_device = isinstance(getattr(source, "device", None), str)
+            key = f"sources[{i}].device" if one_device else f"sources[{i}].devices[{j}].name"
             if device.name in device_names:
                 problems.append(
                     Problem(key, f"device {device.name!r} is already defined at {device_names[device.name]}")

@@ -1,3 +1,3 @@
 """Imports every built-in source plugin so that each registers itself."""
 
-from gateway.sources import modbus  # noqa: F401
+from gateway.sources import modbus, serial  # noqa: F401
