@@ -38,9 +38,10 @@ temporary directory is removed at the end (``--keep-temp`` keeps configs and log
    bounds both rates, and the client CPU per read is the steadier comparison.
    ``--profile`` adds one cProfile'd round of each and prints where the time goes.
 
-The last line of stdout is ``acquisition_ratio_vs_raw_pymodbus=<x>``: the gateway's median
-per-connection reads/s over raw pymodbus'. Goals: the fleet keeps the configured rate, and
-the ratio is at least 0.80.
+The last line of stdout is ``acquisition_ratio_vs_raw_pymodbus=<x>``: the gateway's
+per-connection reads/s over raw pymodbus', as the median of per-round ratios (each
+gateway round against the raw round next to it). Goals: the fleet keeps the configured
+rate, and the ratio is at least 0.80.
 """
 
 from __future__ import annotations
@@ -583,7 +584,12 @@ class ConnectionResult:
 
     @property
     def ratio(self) -> float:
-        return self.med(self.gateway, "rate") / self.med(self.raw, "rate")
+        """Median of the per-round ratios: each gateway round against the raw round just before it.
+
+        Pairing neighbours cancels the load of other tenants of this shared machine,
+        which drifts over a run by more than the difference being measured.
+        """
+        return median(g.rate / r.rate for r, g in zip(self.raw, self.gateway, strict=False))
 
 
 class CountingSink:
@@ -859,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tags", type=int, default=20, help="tags per device (one read covers them)")
     parser.add_argument("--warm-up", type=float, default=5.0, help="fleet: seconds after every device reports")
     parser.add_argument("--health-interval", type=float, default=5.0, help="fleet: the gateway's health_interval")
-    parser.add_argument("--rounds", type=int, default=5, help="per connection: rounds of raw and gateway")
+    parser.add_argument("--rounds", type=int, default=7, help="per connection: rounds of raw and gateway")
     parser.add_argument("--round-seconds", type=float, default=5.0, help="per connection: seconds of each")
     parser.add_argument("--only", choices=("fleet", "connection"), help="run one part only")
     parser.add_argument(

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -88,14 +88,17 @@ class ValueType(StrEnum):
 Scalar = bool | int | float | str
 
 
-@dataclass(frozen=True, slots=True)
-class Value:
-    """One typed measurement. ``value`` is None only when ``quality`` is not good."""
+class Value(NamedTuple):
+    """One typed measurement. ``value`` is None only when ``quality`` is not good.
+
+    A named tuple rather than a frozen dataclass: a gateway builds thousands a second
+    (one per tag per poll), and a tuple is built in a third of the time.
+    """
 
     value: Scalar | None
     unit: str | None = None
     quality: Quality = Quality.GOOD
-    type: ValueType = field(default=ValueType.FLOAT)
+    type: ValueType = ValueType.FLOAT
 
     @classmethod
     def of(cls, value: Scalar, unit: str | None = None) -> Value:

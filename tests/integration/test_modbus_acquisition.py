@@ -279,7 +279,7 @@ def test_a_merged_read_over_an_unmapped_gap_falls_back_to_one_read_per_tag(tmp_p
             async with polling(tcp(port, [device]), sink) as source:
                 await sink.wait(lambda: len(sink.of("plc1")) >= 2)
                 assert {n: v.value for n, v in sink.of("plc1")[-1].values.items()} == {"r0": 1, "r5": 1}
-                assert [len(g.blocks) for g in source.pollers["plc1"].groups] == [2]
+                assert [len(g.reads) for g in source.pollers["plc1"].groups] == [2]
 
     run(scenario())
 

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from fieldlink.wire import Quality, Value, ValueType
 from gateway.sources.modbus.codec import ByteOrder, RegisterType, encode_registers
 from gateway.sources.modbus.config import MAX_REGISTERS_PER_READ, ModbusTcpConfig, RegisterConfig
+from gateway.sources.modbus.decode import tag_value
 from gateway.sources.modbus.plan import ReadBlock, plan_reads
-from gateway.sources.modbus.source import tag_value
 
 
 def tag(name: str, address: int, kind: str = "uint16", table: str = "holding", **options: object) -> RegisterConfig:

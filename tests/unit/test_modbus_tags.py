@@ -11,9 +11,10 @@ from fieldlink.wire import Quality, Value, ValueType
 from gateway.sources.base import CommandError
 from gateway.sources.modbus.codec import ByteOrder, RegisterType, encode_registers
 from gateway.sources.modbus.config import RegisterConfig
+from gateway.sources.modbus.decode import tag_value
 from gateway.sources.modbus.plan import ReadBlock, plan_reads
 from gateway.sources.modbus.report import ReportFilter
-from gateway.sources.modbus.source import _encode_tag, tag_value
+from gateway.sources.modbus.source import _encode_tag
 
 
 def tag(
@@ -91,8 +92,8 @@ def test_string_tag_spans_its_length() -> None:
     assert tag_value(name, [0x4241, 0x4443, 0, 0], ByteOrder.BADC).value == "ABCD"
 
 
-@pytest.mark.parametrize("text", ["231.7", "0.1", "-1.5e-05", "3.4028235e+38", "1e-45", "16777217"])
-def test_float32_reads_as_the_shortest_decimal_with_the_same_bits(text: str) -> None:
+@pytest.mark.parametrize("text", ["231.7", "0.1", "-1.5e-05", "3.4028235e+38", "1.401298e-45", "16777217"])
+def test_float32_reads_as_a_decimal_of_its_own_precision(text: str) -> None:
     words = encode_registers(float(text), RegisterType.FLOAT32, ByteOrder.ABCD)
     value = tag_value(tag("t", 0, "float32"), words, ByteOrder.ABCD).value
     assert isinstance(value, float)

@@ -108,6 +108,16 @@ class ModbusBus:
         self._client = self._make_client(spec)
         self._lock = asyncio.Lock()
         self._quiet_until = 0.0
+        client = self._client
+        self._calls = {
+            "coil": client.read_coils,
+            "discrete_input": client.read_discrete_inputs,
+            "holding": client.read_holding_registers,
+            "input": client.read_input_registers,
+            "write_register": client.write_register,
+            "write_registers": client.write_registers,
+            "write_coil": client.write_coil,
+        }
         self._count_crc_errors()
 
     @staticmethod
@@ -200,15 +210,7 @@ class ModbusBus:
 
     async def _request(self, what: str, unit: int, timeout: float, **args: Any) -> Any:
         client = self._client
-        call = {
-            "coil": client.read_coils,
-            "discrete_input": client.read_discrete_inputs,
-            "holding": client.read_holding_registers,
-            "input": client.read_input_registers,
-            "write_register": client.write_register,
-            "write_registers": client.write_registers,
-            "write_coil": client.write_coil,
-        }[what]
+        call = self._calls[what]
         async with self._lock:
             if not self.connected:
                 await self.connect()

@@ -33,6 +33,7 @@ __all__ = [
     "decode_string",
     "encode_registers",
     "encode_string",
+    "permute",
 ]
 
 
@@ -140,7 +141,7 @@ def _swap_bytes(data: bytes) -> bytes:
     return bytes(swapped)
 
 
-def _permute(data: bytes, order: ByteOrder) -> bytes:
+def permute(data: bytes, order: ByteOrder) -> bytes:
     """Value bytes (most significant first) <-> wire bytes; its own inverse."""
     if order.swaps_bytes:
         data = _swap_bytes(data)
@@ -163,7 +164,7 @@ def decode_registers(registers: Sequence[int], kind: RegisterType, order: ByteOr
         raise ValueError(f"{kind.value} is not a numeric register type")
     if len(registers) != kind.width:
         raise ValueError(f"{kind.value} needs {kind.width} registers, got {len(registers)}")
-    (value,) = struct.unpack(_STRUCT[kind], _permute(_words_to_bytes(registers), order))
+    (value,) = struct.unpack(_STRUCT[kind], permute(_words_to_bytes(registers), order))
     return value  # type: ignore[no-any-return]
 
 
@@ -182,7 +183,7 @@ def encode_registers(value: int | float, kind: RegisterType, order: ByteOrder) -
         packed = struct.pack(_STRUCT[kind], value)
     except (struct.error, OverflowError) as exc:  # a float beyond float32's range
         raise CodecError(f"{value!r} does not fit {kind.value}: {exc}") from None
-    return _bytes_to_words(_permute(packed, order))
+    return _bytes_to_words(permute(packed, order))
 
 
 def decode_string(registers: Sequence[int], order: ByteOrder) -> str:

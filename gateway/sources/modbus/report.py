@@ -22,6 +22,11 @@ class ReportFilter:
         self._last: Value | None = None
         self._last_at = 0.0
 
+    @staticmethod
+    def needed(tag: RegisterConfig) -> bool:
+        """Whether the tag may hold a value back; one that reports every poll needs no filter."""
+        return tag.report != "poll" or tag.min_interval > 0
+
     def reset(self) -> None:
         """Send the next value whatever it is (after an outage, or a write)."""
         self._last = None
