@@ -88,6 +88,7 @@ class GatewayApp:
             for device in source.devices
         }
         self._commands: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self.commands_executed = 0
         self.commands_failed = 0
         self.readings_published = 0  # polls of our own sources, buffered and published locally
@@ -248,6 +249,11 @@ class GatewayApp:
     # --- commands to our own devices --------------------------------------------------------
 
     def _start_command(self, device: str, payload: bytes, origin: str, retained: bool = False) -> None:
+        if self._stopping:
+            # The sources are stopping or stopped: a write now would reopen their buses.
+            self.commands_failed += 1
+            log.warning("command refused: gateway stopping", extra={"device": device, "origin": origin})
+            return
         # Its own task: a write waits for its bus, and neither the uplink nor the local
         # broker may wait for that.
         task = asyncio.create_task(self._execute_command(device, payload, origin, retained), name=f"command-{device}")
@@ -264,6 +270,9 @@ class GatewayApp:
         except TimeoutError:
             reason = f"not done within {COMMAND_DEADLINE:g}s (bus busy); the write may or may not have happened"
             return "timeout", reason
+        except Exception:  # a bug must not lose the answer: the command still gets one
+            log.exception("device write failed", extra={"device": device, "tag": command.tag})
+            return "error", "internal error (see the gateway's log)"
         return "ok", None
 
     async def _execute_command(self, device: str, payload: bytes, origin: str, retained: bool) -> None:
@@ -410,6 +419,7 @@ class GatewayApp:
                 await stop.wait()
 
                 log.info("stopping: inputs")
+                self._stopping = True
                 await self._stop_inputs([*inputs, *self._commands])
                 drained = self.drain_on_stop and await self.uplink.wait_drained(self.config.gateway.drain_timeout)
                 remaining = (await self.buffer.stats()).messages

@@ -77,7 +77,9 @@ retry_max = "1s"
 
 
 def modbus_source(name: str, port: int, poll: str = "250ms") -> str:
-    return _modbus_connection(name, port) + f"""  [[sources.devices]]
+    return (
+        _modbus_connection(name, port)
+        + f"""  [[sources.devices]]
   name = "boiler-1"
   unit = 1
   poll_interval = "{poll}"
@@ -92,6 +94,7 @@ def modbus_source(name: str, port: int, poll: str = "250ms") -> str:
   poll_interval = "{poll}"
   registers = [{{ name = "power", address = 0, table = "input", type = "float32", unit = "kW" }}]
 """
+    )
 
 
 def gateway_toml(state_dir: Path, local_port: int, uplink_url: str, sources: str, encoding: str = "msgpack") -> str:

@@ -273,15 +273,16 @@ def test_a_port_missing_at_start_is_offline_until_it_appears(tmp_path: Path) -> 
 
 def test_silence_takes_the_device_offline_and_data_brings_it_back(tmp_path: Path) -> None:
     async def main() -> None:
-        source = {"parser": {"kind": "kv"}, "silence_timeout": "300ms"}
+        source = {"parser": {"kind": "kv"}, "silence_timeout": "1s"}
         async with running(tmp_path, {"name": "quiet", "fields": TH}, source) as (sim, src, sink):
             await sink.until(lambda: sink.state is DeviceState.ONLINE, "online")
             sim.faults.silent = True
             await sink.until(lambda: sink.state is DeviceState.OFFLINE, "offline after the silence")
-            assert sink.states[-1][2] == "no data for 0.3s"
+            assert sink.states[-1][2] == "no data for 1s"
             sim.faults.silent = False
             await sink.until(lambda: sink.state is DeviceState.ONLINE, "online when data flows")
-            assert src.counters()["silences"] == 1
+            # At least the one we made (a stalled loop on a loaded machine may add one before it).
+            assert src.counters()["silences"] >= 1
             assert src.counters().get("disconnects", 0) == 0  # the port stayed open
 
     run(main())

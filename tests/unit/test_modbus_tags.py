@@ -208,8 +208,15 @@ def test_writes_use_the_inverse_of_scale_and_offset() -> None:
         ("uint16", "7", "expected a number"),
         ("uint16", True, "expected a number"),
         ("float32", None, "expected a number"),
+        ("float32", float("inf"), "expected a finite number"),
+        ("int16", float("nan"), "expected a finite number"),
     ],
 )
 def test_bad_write_values_are_refused_with_a_reason(kind: str, value: object, message: str) -> None:
     with pytest.raises(CommandError, match=message):
         _encode_tag(tag("t", 0, kind, writable=True), value, ByteOrder.ABCD)
+
+
+def test_a_huge_integer_for_a_scaled_tag_is_refused_not_raised() -> None:
+    with pytest.raises(CommandError, match="cannot be written as int16"):
+        _encode_tag(tag("t", 0, "int16", scale=0.1, writable=True), 10**400, ByteOrder.ABCD)

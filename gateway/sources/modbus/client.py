@@ -41,6 +41,7 @@ logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 # bus shared by several units that would take healthy devices down with a dead one;
 # whether the connection is dead is decided here, by connection errors only.
 _NEVER_DISCONNECT = 10**9
+LATE_REPLY_GUARD_MAX = 1.0  # seconds an RTU bus stays quiet after a timeout (the timeout, at most this)
 
 
 class ModbusError(Exception):
@@ -105,6 +106,7 @@ class ModbusBus:
         self.spec = spec
         self.crc_errors = 0  # frames that failed their CRC check (RTU)
         self.last_latency = 0.0  # seconds the last request took on the wire (not waiting for the bus)
+        self.last_crc_errors = 0  # CRC errors seen during the last request
         self._client = self._make_client(spec)
         self._lock = asyncio.Lock()
         self._quiet_until = 0.0
@@ -193,9 +195,18 @@ class ModbusBus:
     async def read(self, table: str, unit: int, address: int, count: int, timeout: float) -> list[int]:
         """Registers (0..65535) or bits (0/1) of one table; raises a ModbusError."""
         response = await self._request(table, unit, timeout, address=address, count=count)
-        values = [int(b) for b in response.bits] if table in ("coil", "discrete_input") else list(response.registers)
-        if len(values) < count:
-            raise ModbusError(f"short answer: asked for {count} values, got {len(values)}")
+        if table in ("coil", "discrete_input"):
+            values = [int(b) for b in response.bits]
+            fits = count <= len(values) < count + 8  # bits come in whole bytes
+        else:
+            values = list(response.registers)
+            fits = len(values) == count
+        if not fits:
+            # An answer of another size belongs to another request (a late reply): never data,
+            # and this request's own answer may still be on its way.
+            async with self._lock:
+                await self._let_late_reply_pass(timeout)
+            raise DeviceTimeout(f"unit {unit}: answer of {len(values)} values to a request for {count}")
         return values[:count]
 
     async def write_registers(self, unit: int, address: int, words: Sequence[int], timeout: float) -> None:
@@ -219,14 +230,14 @@ class ModbusBus:
                 await asyncio.sleep(delay)
             # The request timeout is per device; pymodbus reads it from here on every request.
             client.ctx.comm_params.timeout_connect = timeout
+            crc_before = self.crc_errors
             started = time.monotonic()
             try:
                 response = await call(device_id=unit, **args)
-            except ModbusIOException as exc:
+            except ModbusIOException:
                 if not self.connected:
                     raise BusUnavailable(f"connection to {self.spec.where} lost") from None
-                if "but received" in str(exc):  # an answer to an earlier request, or from another unit
-                    raise DeviceTimeout(f"unit {unit}: unexpected answer (late reply to an earlier request)") from None
+                await self._let_late_reply_pass(timeout)
                 raise DeviceTimeout(f"unit {unit} did not answer within {timeout:g}s") from None
             except ConnectionException:
                 raise BusUnavailable(f"connection to {self.spec.where} lost") from None
@@ -235,7 +246,9 @@ class ModbusBus:
             finally:
                 now = time.monotonic()
                 self.last_latency = now - started
+                self.last_crc_errors = self.crc_errors - crc_before
                 self._quiet_until = now + self.spec.inter_frame_delay
+                client.ctx.comm_params.timeout_connect = self.spec.timeout  # connects use the bus's own
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             if code in DeviceException.NO_ANSWER_CODES:
@@ -244,6 +257,18 @@ class ModbusBus:
                 raise DeviceTimeout(f"unit {unit} did not answer (the Modbus gateway says: {DeviceException(code)})")
             raise DeviceException(code)
         return response
+
+    async def _let_late_reply_pass(self, timeout: float) -> None:
+        """After a timeout on RTU, keep the line quiet a while so a late reply is dropped.
+
+        An RTU frame carries no transaction id and a read answer no address: a reply
+        that arrives after the next request went out would be taken as that request's
+        answer, wrong data with good quality (or, in a bit write's read-modify-write,
+        another register's word written back). pymodbus drops frames that arrive while
+        no request waits, so waiting here, with the bus held, is what discards it.
+        """
+        if self.spec.transport != "tcp":  # Modbus TCP matches answers by transaction id
+            await asyncio.sleep(min(timeout, LATE_REPLY_GUARD_MAX))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import Counter, deque
@@ -212,12 +213,11 @@ class DevicePoller:
         bus = self.source.bus
         for attempt in range(attempts):
             self.stats.requests += 1
-            crc_before = bus.crc_errors
             try:
                 result = await call(*args, timeout=self.timeout)
             except DeviceTimeout:
                 self.stats.timeouts += 1
-                self.stats.crc_errors += bus.crc_errors - crc_before
+                self.stats.crc_errors += bus.last_crc_errors
                 if attempt + 1 == attempts:
                     raise
                 continue
@@ -230,7 +230,7 @@ class DevicePoller:
                 self.stats.record_latency(bus.last_latency)
                 raise
             self.stats.responses += 1
-            self.stats.crc_errors += bus.crc_errors - crc_before
+            self.stats.crc_errors += bus.last_crc_errors
             self.stats.record_latency(bus.last_latency)
             return result
         raise AssertionError("unreachable")
@@ -251,9 +251,13 @@ class DevicePoller:
                     "merged read refused; reading its tags one by one",
                     extra={"device": self.name, "address": block.start, "count": block.count, "reason": str(exc)},
                 )
+                # Tags on the same registers (bits of one word) keep sharing their read.
+                spans: dict[tuple[int, int], list[RegisterConfig]] = {}
+                for tag, offset in zip(block.tags, block.offsets, strict=True):
+                    spans.setdefault((offset, tag.width), []).append(tag)
                 singles = [
-                    self.planned(ReadBlock(block.table, block.start + offset, tag.width, (tag,), (0,)))
-                    for tag, offset in zip(block.tags, block.offsets, strict=True)
+                    self.planned(ReadBlock(block.table, block.start + offset, width, tuple(tags), (0,) * len(tags)))
+                    for (offset, width), tags in spans.items()
                 ]
                 group.reads[index : index + 1] = singles
                 for i in range(index, index + len(singles)):
@@ -454,6 +458,8 @@ def _encode_tag(tag: RegisterConfig, value: object, order: ByteOrder) -> list[in
             return encode_string(value, tag.length or 1, order)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CommandError(f"expected a number, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CommandError(f"expected a finite number, got {value!r}")
         raw: int | float = (value - tag.offset) / tag.scale if not tag.keeps_integer else value
         if kind.is_integer:
             rounded = round(raw)
@@ -464,6 +470,8 @@ def _encode_tag(tag: RegisterConfig, value: object, order: ByteOrder) -> list[in
         return encode_registers(raw, kind, order)
     except CodecError as exc:
         raise CommandError(str(exc)) from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer too large to scale as a float
+        raise CommandError(f"{value!r} cannot be written as {kind.value}: {exc}") from None
 
 
 class ModbusSource:
