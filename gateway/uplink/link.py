@@ -122,9 +122,10 @@ class Uplink:
                 log.info("uplink connected", extra={"broker": self.config.url, "client_id": self.client_id})
                 try:
                     async with asyncio.TaskGroup() as group:
-                        conn.publish(self.status_topic, encode_state("online", _now_ms()), qos=1, retain=True)
-                        if self.config.commands and self.on_command is not None:
+                        # Commands first: once the gateway says "online", a command sent to it arrives.
+                        if self.config.commands and self.on_command is not None and await self._subscribe(conn):
                             group.create_task(self._relay_commands(conn), name="uplink-commands")
+                        conn.publish(self.status_topic, encode_state("online", _now_ms()), qos=1, retain=True)
                         await self._forward(conn)
                 except* (ConnectionLost, MqttError) as group_error:
                     self._conn = None
@@ -154,14 +155,19 @@ class Uplink:
         delay = min(self.config.reconnect_max, self.config.reconnect_min * 2 ** min(failures - 1, 16))
         return delay * random.uniform(0.5, 1.0)
 
-    async def _relay_commands(self, conn: MqttConnection) -> None:
+    async def _subscribe(self, conn: MqttConnection) -> bool:
+        """Subscribe to this gateway's commands; False if the broker refuses (data flows regardless)."""
         try:
             await conn.subscribe([(self.command_filter, 1)])
+        except ConnectionLost:
+            raise
         except MqttError as exc:
             # The broker's ACL may not allow it: data must flow regardless, so no commands then.
-            if not isinstance(exc, ConnectionLost):
-                log.warning("no commands from the cloud", extra={"filter": self.command_filter, "error": str(exc)})
-            return
+            log.warning("no commands from the cloud", extra={"filter": self.command_filter, "error": str(exc)})
+            return False
+        return True
+
+    async def _relay_commands(self, conn: MqttConnection) -> None:
         while True:
             message = await conn.messages.get()
             local_topic = message.topic.removeprefix(self.prefix)
