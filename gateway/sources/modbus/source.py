@@ -373,6 +373,10 @@ class DevicePoller:
     async def _failed(self, cause: ModbusError, sink: ReadingSink) -> None:
         self.failures += 1
         config = self.source.config
+        if isinstance(cause, BusUnavailable):
+            # No connection at all: retrying at the poll rate would only hammer the peer,
+            # so the breaker opens at once and reconnects follow the backoff.
+            self.failures = max(self.failures, config.breaker_threshold)
         if isinstance(cause, BusUnavailable) or self.failures >= config.offline_after:
             state = DeviceState.OFFLINE
         elif self.failures >= config.breaker_threshold:
