@@ -20,15 +20,18 @@ from cloud.stores.registry import build_store
 from fieldlink.embedded_broker import EmbeddedBroker
 from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
-from fieldlink.wire import BATCH_FILTER, TELEMETRY_FILTER
 
-__all__ = ["CloudApp", "cloud_health_topic"]
+__all__ = ["CloudApp", "cloud_health_topic", "dead_letter_topic"]
 
 log = logging.getLogger(__name__)
 
 
 def cloud_health_topic(name: str) -> str:
     return f"fl-cloud/{name}/health"
+
+
+def dead_letter_topic(name: str) -> str:
+    return f"fl-cloud/{name}/dead-letter"
 
 
 class CloudApp:
@@ -42,7 +45,15 @@ class CloudApp:
         dashboard = DashboardPublisher(config.dashboard.prefix) if config.dashboard.enabled else None
         self.topic_prefix = config.broker.topic_prefix
         self.pipeline = IngestPipeline(
-            self.store, self.rules, self.outbox, self.notifiers, dashboard, topic_prefix=self.topic_prefix
+            self.store,
+            self.rules,
+            self.outbox,
+            self.notifiers,
+            dashboard,
+            topic_prefix=self.topic_prefix,
+            dead_letter_topic=config.ingest.dead_letter_topic or dead_letter_topic(config.cloud.name),
+            max_message_bytes=config.ingest.max_message_bytes,
+            worker=config.cloud.name,
         )
         self.broker = EmbeddedBroker(config.broker.bind) if config.broker.embedded else None
         self.mqtt_settings = config.broker.effective()
@@ -58,7 +69,7 @@ class CloudApp:
             conn = MqttConnection(self.mqtt_settings, client_id=self.client_id, clean_session=False, manual_ack=True)
             try:
                 await conn.open()
-                await conn.subscribe([(self.topic_prefix + TELEMETRY_FILTER, 1), (self.topic_prefix + BATCH_FILTER, 1)])
+                await conn.subscribe([(topic_filter, 1) for topic_filter in self.config.broker.filters()])
             except (ConnectFailed, ConnectionLost) as exc:
                 failures += 1
                 self.broker_state = "disconnected"
@@ -99,6 +110,7 @@ class CloudApp:
             "records_rejected": c.records_rejected,
             "duplicates_dropped": self.pipeline.dedup.dropped_total,
             "bad_messages": c.bad_messages,
+            "dead_letters": c.dead_letters,
             "store_failures": c.store_failures,
             "alerts_fired": self.rules.fired_total,
             "alerts_resolved": self.rules.resolved_total,

@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cloud.notify.registry import notifier_kinds
 from cloud.rules import RuleConfig
 from cloud.stores.registry import store_kinds
 from fieldlink.configkit import (
+    ByteSize,
     Duration,
     Problem,
     Schema,
@@ -23,6 +24,7 @@ from fieldlink.configkit import (
     load_config,
 )
 from fieldlink.mqtt import MqttSettings
+from fieldlink.wire import ROOT
 
 __all__ = ["CloudConfig", "load_cloud_config"]
 
@@ -50,6 +52,17 @@ class BrokerSection(MqttSettings):
     bind: str = "127.0.0.1:1883"  # where the embedded broker listens
     # The gateways' uplink.topic_prefix: subscribed under it, and removed before parsing.
     topic_prefix: TopicPrefix = ""
+    # Scale-out: workers with the same shared_group split the messages between them
+    # ($share/<group>/...); sites limits this worker to those sites (a partition).
+    shared_group: TopicLevel | None = None
+    sites: list[TopicLevel] = Field(default_factory=list)
+
+    def filters(self) -> list[str]:
+        """The subscriptions of this worker: telemetry and batches, per site or all, shared or not."""
+        share = f"$share/{self.shared_group}/" if self.shared_group else ""
+        sites = self.sites or ["+"]
+        tails = ("dev/+/telemetry", "batch")
+        return [f"{share}{self.topic_prefix}{ROOT}/{site}/+/{tail}" for site in sites for tail in tails]
 
     def effective(self) -> MqttSettings:
         """Connection settings: an embedded broker is reached on its bind address."""
@@ -57,6 +70,20 @@ class BrokerSection(MqttSettings):
         if self.embedded:
             fields["url"] = f"mqtt://{self.bind}"
         return MqttSettings(**fields)
+
+
+class IngestSection(Schema):
+    # Bad messages (undecodable, wrong schema, unknown version, oversized, off-topic) are
+    # republished here with their reason; default fl-cloud/<cloud.name>/dead-letter.
+    dead_letter_topic: str | None = None
+    max_message_bytes: ByteSize = 1_000_000
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _plain_topic(cls, topic: str | None) -> str | None:
+        if topic is not None and (not topic or any(c in topic for c in "+#\0") or topic.startswith("$")):
+            raise ValueError(f"must be a topic name without wildcards, NUL or a leading $, got {topic!r}")
+        return topic
 
 
 class DashboardSection(Schema):
@@ -74,6 +101,7 @@ class CloudConfig(Schema):
     broker: BrokerSection = BrokerSection()
     store: StoreConfig = Field(default_factory=lambda: store_kinds()["sqlite"].config_model(kind="sqlite"))  # type: ignore[valid-type]
     dashboard: DashboardSection = DashboardSection()
+    ingest: IngestSection = IngestSection()
     logging: LoggingSection = LoggingSection()
     notifiers: list[NotifierConfig] = Field(default_factory=list)  # type: ignore[valid-type]
     rules: list[RuleConfig] = Field(default_factory=list)

@@ -9,8 +9,11 @@ of this process loses nothing; the redelivery is dropped by the deduplicator.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +23,7 @@ from cloud.notify.base import Notifier
 from cloud.notify.outbox import Outbox
 from cloud.rules import RuleEngine
 from cloud.stores.base import Store, StoreRejected, StoreUnavailable
-from fieldlink.mqtt import Message, MqttConnection
+from fieldlink.mqtt import Message, MqttConnection, PublishRefused
 from fieldlink.wire import Record, Topic, TopicKind, WireError, decode
 
 __all__ = ["IngestCounters", "IngestPipeline"]
@@ -28,6 +31,8 @@ __all__ = ["IngestCounters", "IngestPipeline"]
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
+
+DeadLetter = asyncio.Future[None]  # a dead letter on its way: done at its PUBACK
 
 
 @dataclass
@@ -37,6 +42,7 @@ class IngestCounters:
     records_stored: int = 0
     records_rejected: int = 0
     bad_messages: int = 0
+    dead_letters: int = 0  # bad messages republished on the dead-letter topic (PUBACK received)
     store_failures: int = 0
 
 
@@ -66,8 +72,14 @@ class IngestPipeline:
         dashboard: DashboardPublisher | None,
         *,
         topic_prefix: str = "",
+        dead_letter_topic: str = "fl-cloud/dead-letter",
+        max_message_bytes: int = 1_000_000,
+        worker: str = "",
     ) -> None:
         self.topic_prefix = topic_prefix
+        self.dead_letter_topic = dead_letter_topic
+        self.max_message_bytes = max_message_bytes
+        self.worker = worker
         self.store = store
         self.rules = rules
         self.outbox = outbox
@@ -94,19 +106,7 @@ class IngestPipeline:
             await self.handle(conn, batch)
 
     async def handle(self, conn: MqttConnection, batch: Sequence[Message]) -> None:
-        records: list[Record] = []
-        for message in batch:
-            self.counters.messages += 1
-            try:
-                records.extend(_decode_checked(message, self.topic_prefix))
-            except WireError as exc:
-                # Counted, logged, acknowledged: a bad message must never block the ones behind it.
-                self.counters.bad_messages += 1
-                log.warning("bad message skipped", extra={"topic": message.topic, "reason": str(exc)})
-            except Exception:  # a decoder bug must not turn one message into a crash loop
-                self.counters.bad_messages += 1
-                log.exception("bad message skipped (unexpected error)", extra={"topic": message.topic})
-        self.counters.records += len(records)
+        records, dead = self._decode(conn, batch)
         fresh = self.dedup.fresh(records)
         if fresh:
             fresh = await self._store(fresh)
@@ -125,8 +125,63 @@ class IngestPipeline:
             if self.dashboard is not None and conn.is_open:
                 for topic_name, payload, retain in self.dashboard.messages(fresh):
                     conn.publish(topic_name, payload, qos=1 if retain else 0, retain=retain)
+        await self._settle(dead)
         for message in batch:
             conn.ack(message)
+
+    def _decode(
+        self, conn: MqttConnection, batch: Sequence[Message]
+    ) -> tuple[list[Record], list[asyncio.Future[None]]]:
+        """The records of a batch; each bad message goes to the dead-letter topic (its PUBACK pending)."""
+        records: list[Record] = []
+        dead: list[DeadLetter] = []
+        for message in batch:
+            self.counters.messages += 1
+            reason = None
+            if len(message.payload) > self.max_message_bytes:
+                reason = f"oversized: {len(message.payload)} bytes, the limit is {self.max_message_bytes}"
+            else:
+                try:
+                    records.extend(_decode_checked(message, self.topic_prefix))
+                except WireError as exc:
+                    reason = str(exc)
+                except Exception:  # a decoder bug must not turn one message into a crash loop
+                    log.exception("bad message (unexpected error)", extra={"topic": message.topic})
+                    reason = "undecodable (unexpected error; see the worker's log)"
+            if reason is not None:
+                # Counted, logged, set aside: a bad message must never block the ones behind it.
+                self.counters.bad_messages += 1
+                log.warning("bad message to the dead-letter topic", extra={"topic": message.topic, "reason": reason})
+                dead.append(self._dead_letter(conn, message, reason))
+        self.counters.records += len(records)
+        return records, dead
+
+    async def _settle(self, dead: list[DeadLetter]) -> None:
+        """Wait for the dead letters' PUBACKs: a bad message is acknowledged only once it is set aside.
+
+        A crash in between makes the broker redeliver it, and it is set aside again.
+        """
+        for letter in dead:
+            try:
+                await letter
+            except PublishRefused as exc:
+                extra = {"topic": self.dead_letter_topic, "reason": str(exc)}
+                log.error("dead letter refused by the broker", extra=extra)
+            else:
+                self.counters.dead_letters += 1
+
+    def _dead_letter(self, conn: MqttConnection, message: Message, reason: str) -> DeadLetter:
+        oversized = len(message.payload) > self.max_message_bytes
+        letter = {
+            "ts": time.time_ns() // 1_000_000,
+            "worker": self.worker,
+            "topic": message.topic,
+            "reason": reason,
+            "bytes": len(message.payload),
+            # The original, to inspect or replay (left out when oversized).
+            "payload_b64": None if oversized else base64.b64encode(message.payload).decode(),
+        }
+        return conn.publish(self.dead_letter_topic, json.dumps(letter, separators=(",", ":")).encode(), qos=1)
 
     async def _store(self, records: Sequence[Record]) -> list[Record]:
         """Write until the store takes it (meanwhile the messages stay unacknowledged).

@@ -325,7 +325,8 @@ def _unpack(payload: bytes) -> Any:
             return json.loads(payload)
         return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException, UnicodeDecodeError) as exc:
-        raise WireError(f"undecodable payload: {exc}") from None
+        what = "JSON" if payload[:1] == b"{" else "msgpack"
+        raise WireError(f"undecodable payload: not valid {what} ({exc or type(exc).__name__})") from None
     except RecursionError:
         raise WireError("undecodable payload: nested too deeply") from None
 

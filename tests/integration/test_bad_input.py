@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import resource
 import subprocess
@@ -92,29 +93,39 @@ def _cloud_health(probe: MqttProbe, predicate, timeout: float = 15) -> dict:
     return next(h for h in reversed(health_reports(messages)) if predicate(h))
 
 
-def test_malformed_payloads_are_counted_and_skipped(programs: Programs, mosquitto: Mosquitto, tmp_path: Path) -> None:
-    cloud = programs.cloud(cloud_toml(tmp_path / "cloud", mosquitto.url, SQLITE_STORE)).start()
+def test_malformed_payloads_go_to_the_dead_letter_topic_with_their_reason(
+    programs: Programs, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    config = cloud_toml(tmp_path / "cloud", mosquitto.url, SQLITE_STORE) + "[ingest]\nmax_message_bytes = 2000\n"
+    cloud = programs.cloud(config).start()
+    dead_letters = "fl-cloud/cloud-t/dead-letter"
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
         _cloud_health(probe, lambda h: h["broker"] == "connected")
         topic = f"fl/{SITE}/{GATEWAY}/dev/boiler-1/telemetry"
-        bad = [
-            b"\xc1 not msgpack",  # undecodable
-            b'{"ver": 99, "kind": "record"}',  # unknown version
-            encode_record(_record("other-device", 1, 20.0)),  # device does not match its topic
-        ]
+        bad = {
+            b"\xc1 not msgpack": "not valid msgpack",  # undecodable
+            b'{"ver": 1, "kind": "record", "site": "plant-t"}': "gw",  # wrong schema: a key is missing
+            b'{"ver": 99, "kind": "record"}': "unsupported envelope version 99",  # unknown version
+            encode_record(_record("other-device", 1, 20.0)): "record of device 'other-device' published on",
+            b"x" * 2001: "oversized: 2001 bytes, the limit is 2000",
+        }
         for payload in bad:
             mqtt_publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=mosquitto.port)
         good = _record("boiler-1", 1, 21.5)
         mqtt_publish.single(topic, encode_record(good, Encoding.JSON), qos=1, hostname="127.0.0.1", port=mosquitto.port)
-        health = _cloud_health(probe, lambda h: h["records_stored"] >= 1)
-        assert health["bad_messages"] == 3
-        assert health["records_stored"] == 1
+        health = _cloud_health(probe, lambda h: h["records_stored"] >= 1 and h["dead_letters"] >= len(bad))
+        assert (health["bad_messages"], health["dead_letters"], health["records_stored"]) == (len(bad), len(bad), 1)
+        letters = [json.loads(m.payload) for m in probe.messages if m.topic == dead_letters]
+        assert len(letters) == len(bad)
+        for letter, (payload, reason) in zip(letters, bad.items(), strict=True):
+            assert reason in letter["reason"], (letter, reason)
+            assert (letter["topic"], letter["worker"], letter["bytes"]) == (topic, "cloud-t", len(payload))
+            # The original travels with it, to inspect or replay; not when it is oversized.
+            expected = None if len(payload) > 2000 else base64.b64encode(payload).decode()
+            assert letter["payload_b64"] == expected
         assert cloud.running
     assert cloud.stop() == 0
-    log = cloud.log()
-    assert "bad message skipped" in log
-    assert "unsupported envelope version 99" in log
-    assert "record of device 'other-device' published on" in log
+    assert "bad message to the dead-letter topic" in cloud.log()
 
 
 def test_alert_mail_waits_out_an_smtp_outage_and_a_cloud_restart(

@@ -183,3 +183,42 @@ def test_cli_check_config_and_run_refuse_a_bad_file_with_the_same_lines(tmp_path
     good = _run(program, "check-config", str(ok))
     assert good.returncode == 0
     assert good.stdout.startswith(f"{ok}: ok")
+
+
+@pytest.mark.parametrize(
+    ("broker", "filters"),
+    [
+        ({}, ["fl/+/+/dev/+/telemetry", "fl/+/+/batch"]),
+        ({"sites": ["a", "b"]}, ["fl/a/+/dev/+/telemetry", "fl/a/+/batch", "fl/b/+/dev/+/telemetry", "fl/b/+/batch"]),
+        (
+            {"shared_group": "ingest", "topic_prefix": "t1"},
+            ["$share/ingest/t1/fl/+/+/dev/+/telemetry", "$share/ingest/t1/fl/+/+/batch"],
+        ),
+    ],
+)
+def test_cloud_subscriptions_follow_sites_and_shared_group(broker: dict[str, object], filters: list[str]) -> None:
+    from cloud.config import BrokerSection  # noqa: PLC0415
+
+    assert BrokerSection.model_validate(broker).filters() == filters
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "message"),
+    [
+        ('[broker]\nshared_group = "a/b"\n', "broker.shared_group", "must not contain '/'"),
+        ('[broker]\nsites = ["+"]\n', "broker.sites[0]", "must not contain '+'"),
+        ('[ingest]\ndead_letter_topic = "dl/#"\n', "ingest.dead_letter_topic", "without wildcards"),
+        ('[ingest]\nmax_message_bytes = "lots"\n', "ingest.max_message_bytes", ""),
+    ],
+)
+def test_cloud_scale_out_and_ingest_keys_are_checked(tmp_path: Path, section: str, key: str, message: str) -> None:
+    from cloud.config import load_cloud_config  # noqa: PLC0415
+    from fieldlink.configkit import ConfigError  # noqa: PLC0415
+
+    path = tmp_path / "cloud.toml"
+    path.write_text(section)
+    with pytest.raises(ConfigError) as error:
+        load_cloud_config(path)
+    (line,) = error.value.lines()
+    assert line.startswith(f"{path}: {key}: ")
+    assert message in line
