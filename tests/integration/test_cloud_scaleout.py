@@ -26,7 +26,7 @@ def _worker(tmp_path: Path, name: str, mosquitto: Mosquitto, victoria: VictoriaM
     return config.replace("[broker]\n", f"[broker]\n{broker_keys}\n") + "[dashboard]\nenabled = false\n"
 
 
-def _publish_fleet(port: int) -> int:
+def _publish_fleet(port: int, first_seq: int = 1) -> int:
     """Batch envelopes of 8 gateways x 4 devices at QoS 1; returns the records sent."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-publisher")
     client.connect("127.0.0.1", port)
@@ -36,7 +36,14 @@ def _publish_fleet(port: int) -> int:
     for b in range(BATCHES):
         for g, (site, gateway) in enumerate(GATEWAYS):
             records = [
-                Record(site, gateway, f"dev-{d}", b + 1, start + b * 10 + g, {"level": Value.of(float(b * 100 + d))})
+                Record(
+                    site,
+                    gateway,
+                    f"dev-{d}",
+                    first_seq + b,
+                    start + b * 10 + g,
+                    {"level": Value.of(float(b * 100 + d))},
+                )
                 for d in range(RECORDS)
             ]
             payload = encode_batch(site, gateway, records, Encoding.MSGPACK)
