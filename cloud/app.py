@@ -16,6 +16,7 @@ from cloud.ingest import IngestPipeline
 from cloud.notify.outbox import Outbox
 from cloud.notify.registry import build_notifier
 from cloud.rules import RuleEngine
+from cloud.spool import Spool
 from cloud.stores.registry import build_store
 from fieldlink.embedded_broker import EmbeddedBroker
 from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection
@@ -44,6 +45,7 @@ class CloudApp:
         self.rules = RuleEngine(config.rules)
         dashboard = DashboardPublisher(config.dashboard.prefix) if config.dashboard.enabled else None
         self.topic_prefix = config.broker.topic_prefix
+        self.spool = Spool(state_dir / "spool.db") if config.ingest.spool else None
         self.pipeline = IngestPipeline(
             self.store,
             self.rules,
@@ -54,6 +56,8 @@ class CloudApp:
             dead_letter_topic=config.ingest.dead_letter_topic or dead_letter_topic(config.cloud.name),
             max_message_bytes=config.ingest.max_message_bytes,
             worker=config.cloud.name,
+            spool=self.spool,
+            spool_after=config.ingest.spool_after,
         )
         self.broker = EmbeddedBroker(config.broker.bind) if config.broker.embedded else None
         self.mqtt_settings = config.broker.effective()
@@ -99,6 +103,9 @@ class CloudApp:
 
     async def health(self) -> dict[str, Any]:
         c = self.pipeline.counters
+        latency = sorted(self.pipeline.write_latency)
+        spool = self.spool
+        now_ms = time.time_ns() // 1_000_000
         return {
             "ts": time.time_ns() // 1_000_000,
             "cloud": self.config.cloud.name,
@@ -112,6 +119,18 @@ class CloudApp:
             "bad_messages": c.bad_messages,
             "dead_letters": c.dead_letters,
             "store_failures": c.store_failures,
+            "store_write_ms": {
+                "p50": round(latency[len(latency) // 2] * 1000, 1) if latency else None,
+                "p99": round(latency[min(len(latency) - 1, int(len(latency) * 0.99))] * 1000, 1) if latency else None,
+            },
+            "spool": None
+            if spool is None
+            else {
+                "records": spool.records,
+                "oldest_age_s": None if spool.oldest_ms is None else round((now_ms - spool.oldest_ms) / 1000, 1),
+                "spooled": spool.spooled_total,
+                "drained": spool.drained_total,
+            },
             "alerts_fired": self.rules.fired_total,
             "alerts_resolved": self.rules.resolved_total,
             "alerts_firing": self.rules.firing(),
@@ -133,6 +152,8 @@ class CloudApp:
     async def serve(self, stop: asyncio.Event) -> None:
         await self.store.open()
         await self.outbox.open()
+        if self.spool is not None:
+            await self.spool.open()
         try:
             if self.broker is not None:
                 await self.broker.start()
@@ -142,6 +163,8 @@ class CloudApp:
                     group.create_task(self.outbox.run(), name="outbox"),
                     group.create_task(self._health_loop(), name="health"),
                 ]
+                if self.spool is not None:
+                    tasks.append(group.create_task(self.spool.drain(self.pipeline.drain_write), name="spool"))
                 log.info("cloud running", extra={"cloud": self.config.cloud.name, "store": self.store.name})
                 await stop.wait()
                 log.info("stopping")
@@ -153,6 +176,8 @@ class CloudApp:
                 await self.broker.stop()
             final = await self.health()
             await self.outbox.close()
+            if self.spool is not None:
+                await self.spool.close()
             await self.store.close()
             write_snapshot(self.config.cloud.state_dir / LAST_HEALTH_FILE, final)
             log.info("cloud stopped", extra={"records_stored": final["records_stored"]})

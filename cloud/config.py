@@ -77,6 +77,10 @@ class IngestSection(Schema):
     # republished here with their reason; default fl-cloud/<cloud.name>/dead-letter.
     dead_letter_topic: str | None = None
     max_message_bytes: ByteSize = 1_000_000
+    # Store down: after spool_after of retries, records go to <state_dir>/spool.db and
+    # their messages are acknowledged; a drainer writes them once the store is back.
+    spool: bool = True
+    spool_after: Duration = 2.0
 
     @field_validator("dead_letter_topic")
     @classmethod

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from cloud.dedup import Deduplicator
 from cloud.notify.base import Notifier
 from cloud.notify.outbox import Outbox
 from cloud.rules import RuleEngine
+from cloud.spool import Spool
 from cloud.stores.base import Store, StoreRejected, StoreUnavailable
 from fieldlink.mqtt import Message, MqttConnection, PublishRefused
 from fieldlink.wire import Record, Topic, TopicKind, WireError, decode
@@ -75,7 +77,12 @@ class IngestPipeline:
         dead_letter_topic: str = "fl-cloud/dead-letter",
         max_message_bytes: int = 1_000_000,
         worker: str = "",
+        spool: Spool | None = None,
+        spool_after: float = 2.0,
     ) -> None:
+        self.spool = spool
+        self.spool_after = spool_after
+        self.write_latency: deque[float] = deque(maxlen=1024)  # seconds per successful store write
         self.topic_prefix = topic_prefix
         self.dead_letter_topic = dead_letter_topic
         self.max_message_bytes = max_message_bytes
@@ -109,9 +116,8 @@ class IngestPipeline:
         records, dead = self._decode(conn, batch)
         fresh = self.dedup.fresh(records)
         if fresh:
-            fresh = await self._store(fresh)
+            fresh = await self._store_or_spool(fresh)
             self.dedup.commit(fresh)
-            self.counters.records_stored += len(fresh)
             events = self.rules.evaluate(fresh)
             if events:
                 await self.outbox.enqueue(
@@ -183,14 +189,43 @@ class IngestPipeline:
         }
         return conn.publish(self.dead_letter_topic, json.dumps(letter, separators=(",", ":")).encode(), qos=1)
 
-    async def _store(self, records: Sequence[Record]) -> list[Record]:
+    async def _store_or_spool(self, records: Sequence[Record]) -> list[Record]:
+        """The records that are durable now: in the store, or in the spool when the store is down.
+
+        While the spool holds anything, new records join it (the drainer writes in
+        order and the store is not hammered); otherwise the store gets ``spool_after``
+        seconds of retries before the records go to the spool.
+        """
+        spool = self.spool
+        if spool is None:
+            stored = await self._store(records)
+            self.counters.records_stored += len(stored)
+            return stored
+        if spool.empty:
+            try:
+                stored = await self._store(records, give_up_after=self.spool_after)
+            except StoreUnavailable as exc:
+                log.warning("store unavailable; spooling", extra={"records": len(records), "reason": str(exc)})
+            else:
+                self.counters.records_stored += len(stored)
+                return stored
+        await spool.add(records)
+        return list(records)
+
+    async def drain_write(self, records: Sequence[Record]) -> None:
+        """Write spooled records to the store, retrying until it takes them."""
+        stored = await self._store(records)
+        self.counters.records_stored += len(stored)
+
+    async def _store(self, records: Sequence[Record], give_up_after: float | None = None) -> list[Record]:
         """Write until the store takes it (meanwhile the messages stay unacknowledged).
 
         Returns the records stored: if the store refuses the batch for good, each record
-        is tried alone and the ones it still refuses are reported and left out.
+        is tried alone and the ones it still refuses are reported and left out. With
+        ``give_up_after``, StoreUnavailable is raised once retrying takes longer.
         """
         try:
-            await self._write_with_retry(records)
+            await self._write_with_retry(records, give_up_after)
         except StoreRejected as exc:
             if len(records) == 1:
                 self._rejected(records[0], str(exc))
@@ -200,7 +235,7 @@ class IngestPipeline:
         stored = []
         for record in records:
             try:
-                await self._write_with_retry([record])
+                await self._write_with_retry([record], give_up_after)
             except StoreRejected as exc:
                 self._rejected(record, str(exc))
             else:
@@ -214,18 +249,23 @@ class IngestPipeline:
             extra={"gateway": record.gateway, "device": record.device, "seq": record.seq, "reason": reason},
         )
 
-    async def _write_with_retry(self, records: Sequence[Record]) -> None:
+    async def _write_with_retry(self, records: Sequence[Record], give_up_after: float | None = None) -> None:
         delay = 0.5
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         while True:
+            started = time.monotonic()
             try:
                 await self.store.write(records)
             except StoreUnavailable as exc:
                 self.counters.store_failures += 1
                 wait = exc.retry_after if exc.retry_after is not None else delay * random.uniform(0.8, 1.0)
+                if deadline is not None and time.monotonic() + wait > deadline:
+                    raise
                 log.warning("store write failed; retrying", extra={"reason": str(exc), "retry_in_s": round(wait, 1)})
                 await asyncio.sleep(wait)
                 delay = min(30.0, delay * 2)
                 continue
+            self.write_latency.append(time.monotonic() - started)
             if delay > 0.5:
                 log.info("store writes again", extra={"records": len(records)})
             return
