@@ -13,10 +13,12 @@ quality is not good are left out (the field is absent from that point).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 from fieldlink.wire import Quality, Record, Value, ValueType
 
-__all__ = ["escape_key", "escape_measurement", "format_record"]
+__all__ = ["LineMapping", "escape_key", "escape_measurement", "format_lines", "format_record"]
 
 _INT64_MAX = 2**63 - 1
 _MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n"})
@@ -62,3 +64,65 @@ def format_record(record: Record, measurement: str) -> str | None:
         return None
     tags = f"site={escape_key(record.site)},gateway={escape_key(record.gateway)},device={escape_key(record.device)}"
     return f"{escape_measurement(measurement)},{tags} {','.join(fields)} {record.ts}"
+
+
+Identity = Literal["site", "gateway", "device"]
+_TS_FACTOR = {"s": (1, 1000), "ms": (1, 1), "us": (1000, 1), "ns": (1_000_000, 1)}  # (multiply, divide) ms
+
+
+@dataclass(frozen=True)
+class LineMapping:
+    """How a record becomes points: measurement, which identity levels are tags, units, precision.
+
+    ``units``: ``"none"`` leaves units out; ``"field"`` adds a string field
+    ``<metric>_unit`` next to each value that has one; ``"tag"`` writes one point per
+    value, tagged ``unit=<unit>`` (the Telegraf layout: a series per metric and unit).
+    """
+
+    measurement: str = "fieldlink"
+    tags: tuple[Identity, ...] = ("site", "gateway", "device")
+    units: Literal["none", "tag", "field"] = "none"
+    precision: Literal["s", "ms", "us", "ns"] = "ms"
+    _measurement: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_measurement", escape_measurement(self.measurement))
+
+    @property
+    def is_default(self) -> bool:
+        return self.tags == ("site", "gateway", "device") and self.units == "none" and self.precision == "ms"
+
+    def timestamp(self, ts_ms: int) -> int:
+        multiply, divide = _TS_FACTOR[self.precision]
+        return ts_ms * multiply // divide
+
+
+def format_lines(record: Record, mapping: LineMapping) -> list[str]:
+    """The record's points under ``mapping`` (none when it has no good value)."""
+    if mapping.is_default:
+        line = format_record(record, mapping.measurement)
+        return [] if line is None else [line]
+    identity = {"site": record.site, "gateway": record.gateway, "device": record.device}
+    tags = ",".join(f"{name}={escape_key(identity[name])}" for name in mapping.tags)
+    head = f"{mapping._measurement},{tags}" if tags else mapping._measurement
+    ts = mapping.timestamp(record.ts)
+    fields: list[str] = []
+    lines: list[str] = []
+    for name, value in record.values.items():
+        if value.quality is not Quality.GOOD or value.value is None:
+            continue
+        formatted = _field_value(value)
+        if formatted is None:
+            continue
+        key = escape_key(name)
+        if mapping.units == "tag":
+            unit = f",unit={escape_key(value.unit)}" if value.unit else ""
+            lines.append(f"{head}{unit} {key}={formatted} {ts}")
+            continue
+        fields.append(f"{key}={formatted}")
+        if mapping.units == "field" and value.unit:
+            unit_text = value.unit.replace("\\", "\\\\").replace('"', '\\"')
+            fields.append(f'{escape_key(name + "_unit")}="{unit_text}"')
+    if fields:
+        lines.append(f"{head} {','.join(fields)} {ts}")
+    return lines

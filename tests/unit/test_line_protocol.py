@@ -142,3 +142,61 @@ def test_non_finite_floats_are_left_out() -> None:
 )
 def test_a_record_without_a_good_value_gives_none(values: dict[str, Value]) -> None:
     assert format_record(record(values), "m") is None
+
+
+# --- mapping: tags, units, precision -----------------------------------------------------------
+
+from cloud.stores.line_protocol import LineMapping, format_lines  # noqa: E402
+
+
+def test_the_default_mapping_is_the_one_line_format() -> None:
+    r = record({"temp": Value.of(21.5, "degC")})
+    assert format_lines(r, LineMapping()) == [format_record(r, "fieldlink")]
+
+
+def test_units_as_tags_make_one_point_per_value() -> None:
+    r = record({"temp": Value.of(21.5, "degC"), "count": Value.of(3), "bad": Value(None, "x", Quality.BAD)})
+    assert format_lines(r, LineMapping("m", ("device",), "tag")) == [
+        f"m,device=boiler-1,unit=degC temp=21.5 {TS}",
+        f"m,device=boiler-1 count=3i {TS}",
+    ]
+
+
+def test_units_as_fields_travel_next_to_their_value() -> None:
+    r = record({"temp": Value.of(21.5, "deg C"), "count": Value.of(3)})
+    assert format_lines(r, LineMapping("m", ("site", "device"), "field")) == [
+        f'm,site=plant-1,device=boiler-1 temp=21.5,temp_unit="deg C",count=3i {TS}'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("precision", "ts"), [("s", 1_700_000_000), ("ms", TS), ("us", TS * 1000), ("ns", TS * 1_000_000)]
+)
+def test_precision_scales_the_millisecond_timestamp(precision: str, ts: int) -> None:
+    (line,) = format_lines(record({"a": Value.of(1)}), LineMapping("m", ("device",), "none", precision))  # type: ignore[arg-type]
+    assert line.endswith(f" {ts}")
+
+
+def test_a_store_mapping_must_keep_the_device_tag() -> None:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from cloud.stores.influxdb import InfluxDBConfig  # noqa: PLC0415
+
+    with pytest.raises(ValidationError, match="must include 'device'"):
+        InfluxDBConfig.model_validate({"kind": "influxdb", "url": "http://x", "tags": ["site"]})
+    config = InfluxDBConfig.model_validate({"kind": "influxdb", "url": "http://x", "tags": ["device"], "units": "tag"})
+    assert config.mapping == LineMapping("fieldlink", ("device",), "tag", "ms")
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+    from email.utils import format_datetime  # noqa: PLC0415
+
+    from cloud.stores.influxdb import _retry_after  # noqa: PLC0415
+
+    assert _retry_after("7") == 7.0
+    assert _retry_after(None) is None
+    assert _retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (_retry_after(later) or 0) <= 30
+    assert _retry_after(format_datetime(datetime(2000, 1, 1, tzinfo=UTC), usegmt=True)) == 0.0
