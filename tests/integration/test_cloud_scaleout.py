@@ -26,13 +26,13 @@ def _worker(tmp_path: Path, name: str, mosquitto: Mosquitto, victoria: VictoriaM
     return config.replace("[broker]\n", f"[broker]\n{broker_keys}\n") + "[dashboard]\nenabled = false\n"
 
 
-def _publish_fleet(port: int, first_seq: int = 1) -> int:
+def _publish_fleet(port: int, first_seq: int = 1, round_: int = 0) -> int:
     """Batch envelopes of 8 gateways x 4 devices at QoS 1; returns the records sent."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-publisher")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleet-publisher-{round_}")
     client.connect("127.0.0.1", port)
     client.loop_start()
     sent, infos = 0, []
-    start = time.time_ns() // 1_000_000 - 60_000
+    start = time.time_ns() // 1_000_000 - 600_000 + round_ * 1000  # distinct timestamps per round
     for b in range(BATCHES):
         for g, (site, gateway) in enumerate(GATEWAYS):
             records = [
