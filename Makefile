@@ -8,7 +8,7 @@ DURATION ?=
 # Debian packages the tests talk to (real servers, never mocks).
 TEST_DEBS := mosquitto victoria-metrics openssl mbpoll
 
-.PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live bench-acquisition
+.PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live bench-acquisition bench-ingest
 
 demo: $(VENV)/.installed
 	@$(BIN)/firmware-sim demo $(if $(DURATION),--duration $(DURATION))
@@ -30,6 +30,9 @@ bench-live: $(VENV)/.installed debian-test-deps
 
 bench-acquisition: $(VENV)/.installed debian-test-deps
 	$(BIN)/python -m bench.acquisition
+
+bench-ingest: $(VENV)/.installed debian-test-deps
+	$(BIN)/python -m bench.ingest
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

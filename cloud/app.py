@@ -59,7 +59,9 @@ class CloudApp:
             spool=self.spool,
             spool_after=config.ingest.spool_after,
         )
-        self.broker = EmbeddedBroker(config.broker.bind) if config.broker.embedded else None
+        self.broker = (
+            EmbeddedBroker(config.broker.bind, ws_bind=config.broker.ws_bind) if config.broker.embedded else None
+        )
         self.mqtt_settings = config.broker.effective()
         self.client_id = config.broker.client_id or f"fieldlink-cloud-{config.cloud.name}"
         self.broker_state = "connecting"
@@ -73,7 +75,8 @@ class CloudApp:
             conn = MqttConnection(self.mqtt_settings, client_id=self.client_id, clean_session=False, manual_ack=True)
             try:
                 await conn.open()
-                await conn.subscribe([(topic_filter, 1) for topic_filter in self.config.broker.filters()])
+                filters = self.config.broker.filters(statuses=self.config.dashboard.enabled)
+                await conn.subscribe([(topic_filter, 1) for topic_filter in filters])
             except (ConnectFailed, ConnectionLost) as exc:
                 failures += 1
                 self.broker_state = "disconnected"

@@ -50,6 +50,7 @@ class BrokerSection(MqttSettings):
 
     embedded: bool = False
     bind: str = "127.0.0.1:1883"  # where the embedded broker listens
+    ws_bind: str | None = None  # embedded broker: also MQTT over WebSocket here, for browser dashboards
     # The gateways' uplink.topic_prefix: subscribed under it, and removed before parsing.
     topic_prefix: TopicPrefix = ""
     # Scale-out: workers with the same shared_group split the messages between them
@@ -57,11 +58,12 @@ class BrokerSection(MqttSettings):
     shared_group: TopicLevel | None = None
     sites: list[TopicLevel] = Field(default_factory=list)
 
-    def filters(self) -> list[str]:
-        """The subscriptions of this worker: telemetry and batches, per site or all, shared or not."""
+    def filters(self, statuses: bool = False) -> list[str]:
+        """The subscriptions of this worker: telemetry and batches (and statuses for dashboards),
+        per site or all, shared or not."""
         share = f"$share/{self.shared_group}/" if self.shared_group else ""
         sites = self.sites or ["+"]
-        tails = ("dev/+/telemetry", "batch")
+        tails = ("dev/+/telemetry", "batch", *(("status", "dev/+/status") if statuses else ()))
         return [f"{share}{self.topic_prefix}{ROOT}/{site}/+/{tail}" for site in sites for tail in tails]
 
     def effective(self) -> MqttSettings:

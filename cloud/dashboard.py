@@ -4,6 +4,9 @@ Topics (see docs/dashboard-topics.md)::
 
     <prefix>/<site>/<gateway>/<device>/telemetry   every record, as JSON, not retained
     <prefix>/<site>/<gateway>/<device>/latest      retained: the latest value of every metric
+    <prefix>/<site>/<gateway>/<device>/status      retained: online / degraded / offline, with the reason
+    <prefix>/<site>/<gateway>/status               retained: the gateway's online / offline
+    <prefix>/<site>/summary                        retained: every gateway's and device's state, counts
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 from fieldlink.wire import Record, Value
 
 __all__ = ["DashboardPublisher", "record_json"]
+
+Message = tuple[str, bytes, bool]  # topic, payload, retain
 
 
 def _iso(ts_ms: int) -> str:
@@ -51,6 +56,28 @@ class DashboardPublisher:
     def __init__(self, prefix: str = "dash") -> None:
         self.prefix = prefix
         self._latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._sites: dict[str, dict[str, Any]] = {}
+
+    def status_messages(self, site: str, gateway: str, device: str | None, state: dict[str, Any]) -> list[Message]:
+        """A gateway's or device's status as retained dashboard topics, and its site's summary."""
+        body = {"site": site, "gateway": gateway, **({"device": device} if device else {}), **state}
+        if isinstance(state.get("ts"), int):
+            body["time"] = _iso(state["ts"])
+        where = f"{self.prefix}/{site}/{gateway}" + (f"/{device}" if device else "")
+        summary = self._sites.setdefault(site, {"site": site, "gateways": {}, "devices": {}})
+        if device is None:
+            summary["gateways"][gateway] = state["state"]
+        else:
+            summary["devices"][f"{gateway}/{device}"] = state["state"]
+        devices = summary["devices"].values()
+        summary["devices_online"] = sum(1 for s in devices if s == "online")
+        summary["devices_total"] = len(summary["devices"])
+        summary["gateways_online"] = sum(1 for s in summary["gateways"].values() if s == "online")
+        summary["ts"] = time.time_ns() // 1_000_000
+        return [
+            (f"{where}/status", json.dumps(body, separators=(",", ":")).encode(), True),
+            (f"{self.prefix}/{site}/summary", json.dumps(summary, separators=(",", ":")).encode(), True),
+        ]
 
     def messages(self, records: Iterable[Record]) -> list[tuple[str, bytes, bool]]:
         out: list[tuple[str, bytes, bool]] = []

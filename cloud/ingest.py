@@ -26,7 +26,7 @@ from cloud.rules import RuleEngine
 from cloud.spool import Spool
 from cloud.stores.base import Store, StoreRejected, StoreUnavailable
 from fieldlink.mqtt import Message, MqttConnection, PublishRefused
-from fieldlink.wire import Record, Topic, TopicKind, WireError, decode
+from fieldlink.wire import Record, Topic, TopicKind, WireError, decode, decode_state
 
 __all__ = ["IngestCounters", "IngestPipeline"]
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000
 
 DeadLetter = asyncio.Future[None]  # a dead letter on its way: done at its PUBACK
+View = tuple[str, bytes, bool]  # a dashboard message: topic, payload, retain
 
 
 @dataclass
@@ -45,6 +46,7 @@ class IngestCounters:
     records_rejected: int = 0
     bad_messages: int = 0
     dead_letters: int = 0  # bad messages republished on the dead-letter topic (PUBACK received)
+    statuses: int = 0  # gateway and device status messages shown on the dashboard topics
     store_failures: int = 0
 
 
@@ -113,7 +115,7 @@ class IngestPipeline:
             await self.handle(conn, batch)
 
     async def handle(self, conn: MqttConnection, batch: Sequence[Message]) -> None:
-        records, dead = self._decode(conn, batch)
+        records, dead, views = self._decode(conn, batch)
         fresh = self.dedup.fresh(records)
         if fresh:
             fresh = await self._store_or_spool(fresh)
@@ -128,19 +130,25 @@ class IngestPipeline:
                         "alert " + event.state,
                         extra={"rule": event.rule.name, "device": event.device, "value": event.value},
                     )
-            if self.dashboard is not None and conn.is_open:
-                for topic_name, payload, retain in self.dashboard.messages(fresh):
-                    conn.publish(topic_name, payload, qos=1 if retain else 0, retain=retain)
+            if self.dashboard is not None:
+                views += self.dashboard.messages(fresh)
+        if views and conn.is_open:
+            for topic_name, payload, retain in views:
+                conn.publish(topic_name, payload, qos=1 if retain else 0, retain=retain)
         await self._settle(dead)
         for message in batch:
             conn.ack(message)
 
     def _decode(
         self, conn: MqttConnection, batch: Sequence[Message]
-    ) -> tuple[list[Record], list[asyncio.Future[None]]]:
-        """The records of a batch; each bad message goes to the dead-letter topic (its PUBACK pending)."""
+    ) -> tuple[list[Record], list[DeadLetter], list[View]]:
+        """The records of a batch, and the dashboard views of its status messages.
+
+        Each bad message goes to the dead-letter topic (its PUBACK pending).
+        """
         records: list[Record] = []
         dead: list[DeadLetter] = []
+        views: list[View] = []
         for message in batch:
             self.counters.messages += 1
             reason = None
@@ -148,7 +156,11 @@ class IngestPipeline:
                 reason = f"oversized: {len(message.payload)} bytes, the limit is {self.max_message_bytes}"
             else:
                 try:
-                    records.extend(_decode_checked(message, self.topic_prefix))
+                    status = self._status(message)
+                    if status is not None:
+                        views += status
+                    else:
+                        records.extend(_decode_checked(message, self.topic_prefix))
                 except WireError as exc:
                     reason = str(exc)
                 except Exception:  # a decoder bug must not turn one message into a crash loop
@@ -160,7 +172,17 @@ class IngestPipeline:
                 log.warning("bad message to the dead-letter topic", extra={"topic": message.topic, "reason": reason})
                 dead.append(self._dead_letter(conn, message, reason))
         self.counters.records += len(records)
-        return records, dead
+        return records, dead, views
+
+    def _status(self, message: Message) -> list[View] | None:
+        """Dashboard views of a gateway or device status message; None if it is not one."""
+        if self.dashboard is None or not message.topic.endswith("/status"):
+            return None
+        parsed = Topic.parse(message.topic.removeprefix(self.topic_prefix))
+        if parsed.kind not in (TopicKind.GATEWAY_STATUS, TopicKind.DEVICE_STATUS):
+            return None
+        self.counters.statuses += 1
+        return self.dashboard.status_messages(parsed.site, parsed.gateway, parsed.device, decode_state(message.payload))
 
     async def _settle(self, dead: list[DeadLetter]) -> None:
         """Wait for the dead letters' PUBACKs: a bad message is acknowledged only once it is set aside.
