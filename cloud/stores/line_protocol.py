@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from fieldlink.wire import Quality, Record, Value, ValueType
@@ -29,8 +30,9 @@ def escape_measurement(name: str) -> str:
     return name.replace("\\", "\\\\").translate(_MEASUREMENT)
 
 
+@lru_cache(maxsize=65536)
 def escape_key(name: str) -> str:
-    """Tag keys, tag values and field keys."""
+    """Tag keys, tag values and field keys (cached: the same few names come in every record)."""
     return name.replace("\\", "\\\\").translate(_KEY)
 
 
@@ -62,8 +64,14 @@ def format_record(record: Record, measurement: str) -> str | None:
             fields.append(f"{escape_key(name)}={formatted}")
     if not fields:
         return None
-    tags = f"site={escape_key(record.site)},gateway={escape_key(record.gateway)},device={escape_key(record.device)}"
-    return f"{escape_measurement(measurement)},{tags} {','.join(fields)} {record.ts}"
+    return f"{_head(measurement, record.site, record.gateway, record.device)} {','.join(fields)} {record.ts}"
+
+
+@lru_cache(maxsize=65536)
+def _head(measurement: str, site: str, gateway: str, device: str) -> str:
+    """Measurement and tag set of a device's points, escaped once."""
+    tags = f"site={escape_key(site)},gateway={escape_key(gateway)},device={escape_key(device)}"
+    return f"{escape_measurement(measurement)},{tags}"
 
 
 Identity = Literal["site", "gateway", "device"]
