@@ -13,12 +13,14 @@ from typing import Any
 from cloud.config import CloudConfig
 from cloud.dashboard import DashboardPublisher
 from cloud.ingest import IngestPipeline
+from cloud.metrics import cloud_metrics
 from cloud.notify.outbox import Outbox
 from cloud.notify.registry import build_notifier
 from cloud.rules import RuleEngine
 from cloud.spool import Spool
 from cloud.stores.registry import build_store
 from fieldlink.embedded_broker import EmbeddedBroker
+from fieldlink.metrics import MetricsExporter
 from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
 
@@ -67,6 +69,7 @@ class CloudApp:
         self.broker_state = "connecting"
         self._conn: MqttConnection | None = None
         self._started = time.monotonic()
+        self.metrics = MetricsExporter(cloud_metrics)
 
     async def _consume_forever(self) -> None:
         failures = 0
@@ -146,8 +149,10 @@ class CloudApp:
         topic = cloud_health_topic(self.config.cloud.name)
         while True:
             conn = self._conn
+            report = await self.health()
+            self.metrics.report = report
             if conn is not None and conn.is_open:
-                payload = json.dumps(await self.health(), separators=(",", ":")).encode()
+                payload = json.dumps(report, separators=(",", ":")).encode()
                 with contextlib.suppress(ConnectionLost):
                     conn.publish(topic, payload, qos=0, retain=True)
             await asyncio.sleep(self.config.cloud.health_interval)
@@ -155,6 +160,8 @@ class CloudApp:
     async def serve(self, stop: asyncio.Event) -> None:
         await self.store.open()
         await self.outbox.open()
+        if self.config.metrics.bind:
+            self.metrics.start(self.config.metrics.bind)
         if self.spool is not None:
             await self.spool.open()
         try:
@@ -183,4 +190,5 @@ class CloudApp:
                 await self.spool.close()
             await self.store.close()
             write_snapshot(self.config.cloud.state_dir / LAST_HEALTH_FILE, final)
+            self.metrics.stop()
             log.info("cloud stopped", extra={"records_stored": final["records_stored"]})

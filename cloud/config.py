@@ -16,6 +16,7 @@ from cloud.stores.registry import store_kinds
 from fieldlink.configkit import (
     ByteSize,
     Duration,
+    MetricsSection,
     Problem,
     Schema,
     TopicLevel,
@@ -109,6 +110,7 @@ class CloudConfig(Schema):
     dashboard: DashboardSection = DashboardSection()
     ingest: IngestSection = IngestSection()
     logging: LoggingSection = LoggingSection()
+    metrics: MetricsSection = MetricsSection()
     notifiers: list[NotifierConfig] = Field(default_factory=list)  # type: ignore[valid-type]
     rules: list[RuleConfig] = Field(default_factory=list)
 

@@ -27,9 +27,11 @@ from fieldlink.wire import check_topic_level
 T = TypeVar("T", bound=BaseModel)
 
 __all__ = [
+    "Bind",
     "ByteSize",
     "ConfigError",
     "Duration",
+    "MetricsSection",
     "Port",
     "Problem",
     "Schema",
@@ -130,6 +132,25 @@ ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 Port = Annotated[int, AfterValidator(_check_port)]
 
 TopicLevel = Annotated[str, AfterValidator(check_topic_level)]
+
+
+def _bind(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    return value
+
+
+Bind = Annotated[str, AfterValidator(_bind)]
+"""``HOST:PORT`` to listen on."""
+
+
+class MetricsSection(BaseModel):
+    """``[metrics]``: Prometheus /metrics. Off unless ``bind`` is set; keep it off public interfaces."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bind: Bind | None = None  # e.g. "127.0.0.1:9108"
 
 
 def _topic_prefix(prefix: str) -> str:

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from fieldlink.embedded_broker import EmbeddedBroker
+from fieldlink.metrics import MetricsExporter
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
 from fieldlink.wire import (
     BadCommand,
@@ -39,6 +40,7 @@ from fieldlink.wire import (
 )
 from gateway.buffer import BufferError, DropReason, StoreAndForwardBuffer
 from gateway.config import GatewayConfig
+from gateway.metrics import gateway_metrics
 from gateway.sources.base import CommandError, DeviceState, Reading, WritableSource
 from gateway.sources.registry import build_source
 from gateway.uplink import Uplink
@@ -104,6 +106,7 @@ class GatewayApp:
         self._started = time.monotonic()
         self._rate_mark = (self._started, 0, 0)
         self.drain_on_stop = True  # off for a config reload: the buffer is kept for the next app anyway
+        self.metrics = MetricsExporter(gateway_metrics)
 
     # --- ReadingSink, called by the sources ----------------------------------------------
 
@@ -362,7 +365,9 @@ class GatewayApp:
     async def _health_loop(self) -> None:
         health_topic = topic(TopicKind.GATEWAY_HEALTH, self.site, self.gateway_id)
         while True:
-            payload = json.dumps(await self.health(), separators=(",", ":")).encode()
+            report = await self.health()
+            self.metrics.report = report
+            payload = json.dumps(report, separators=(",", ":")).encode()
             if self.broker is not None:
                 await self.broker.publish(health_topic, payload, retain=True)
             self.uplink.publish_direct(health_topic, payload)
@@ -397,6 +402,8 @@ class GatewayApp:
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in two phases (no drain if ``drain_on_stop`` is off)."""
         await self.buffer.open()
+        if self.config.metrics.bind:
+            self.metrics.start(self.config.metrics.bind)
         if self.buffer.recovered_from is not None:
             log.error(
                 "started a new buffer; the corrupt one was kept",
@@ -434,6 +441,7 @@ class GatewayApp:
             final = await self.health()
             await self.buffer.close()
             write_snapshot(self.config.gateway.state_dir / LAST_HEALTH_FILE, final)
+            self.metrics.stop()
             log.info(
                 "gateway stopped",
                 extra={"records_buffered": final["records_buffered"], "left_in_buffer": final["buffer"]["messages"]},

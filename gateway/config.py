@@ -10,7 +10,15 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field
 
-from fieldlink.configkit import Duration, Problem, Schema, TopicLevel, check_plugin_kinds, load_config
+from fieldlink.configkit import (
+    Duration,
+    MetricsSection,
+    Problem,
+    Schema,
+    TopicLevel,
+    check_plugin_kinds,
+    load_config,
+)
 from gateway.buffer.config import BufferConfig
 from gateway.sources.registry import source_kinds
 from gateway.uplink.config import UplinkConfig
@@ -52,6 +60,7 @@ class GatewayConfig(Schema):
     buffer: BufferConfig = BufferConfig()
     uplink: UplinkConfig = UplinkConfig()
     logging: LoggingSection = LoggingSection()
+    metrics: MetricsSection = MetricsSection()
     sources: list[SourceConfig] = Field(default_factory=list)  # type: ignore[valid-type]
 
     @property
