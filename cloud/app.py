@@ -70,6 +70,7 @@ class CloudApp:
         self._conn: MqttConnection | None = None
         self._started = time.monotonic()
         self.metrics = MetricsExporter(cloud_metrics)
+        self._rate_mark = (self._started, 0, 0)
 
     async def _consume_forever(self) -> None:
         failures = 0
@@ -120,6 +121,7 @@ class CloudApp:
             "messages": c.messages,
             "records": c.records,
             "records_stored": c.records_stored,
+            "rates": self._rates(c.records, c.records_stored),
             "records_rejected": c.records_rejected,
             "duplicates_dropped": self.pipeline.dedup.dropped_total,
             "bad_messages": c.bad_messages,
@@ -143,6 +145,17 @@ class CloudApp:
             "notifications_sent": self.outbox.sent_total,
             "notification_failures": self.outbox.failed_attempts_total,
             "outbox_pending": await self.outbox.pending(),
+        }
+
+    def _rates(self, records: int, stored: int) -> dict[str, float]:
+        """Records per second decoded and stored since the previous report."""
+        now = time.monotonic()
+        then, records_before, stored_before = self._rate_mark
+        self._rate_mark = (now, records, stored)
+        elapsed = max(now - then, 1e-3)
+        return {
+            "records_in_per_s": round((records - records_before) / elapsed, 1),
+            "records_stored_per_s": round((stored - stored_before) / elapsed, 1),
         }
 
     async def _health_loop(self) -> None:
