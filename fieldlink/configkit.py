@@ -193,6 +193,37 @@ def _interpolate(node: Any, key: str, env: dict[str, str], problems: list[Proble
     return _ENV_REF.sub(substitute, node)
 
 
+# Secrets may come from files (systemd credentials, Docker/Kubernetes secrets):
+# ``password_file = "/run/credentials/fieldlink-gateway.service/uplink"`` sets ``password``.
+SECRET_FILE_KEYS = {"password_file": "password", "token_file": "token"}
+
+
+def _secret_files(node: Any, key: str, problems: list[Problem]) -> Any:
+    """Replace ``password_file``/``token_file`` by ``password``/``token`` read from the file."""
+    if isinstance(node, list):
+        return [_secret_files(v, f"{key}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _secret_files(v, _join(key, k), problems) for k, v in node.items() if k not in SECRET_FILE_KEYS}
+    for file_key, secret_key in SECRET_FILE_KEYS.items():
+        if file_key not in node:
+            continue
+        where = _join(key, file_key)
+        if secret_key in node:
+            problems.append(Problem(where, f"set {secret_key} or {file_key}, not both"))
+            continue
+        path = node[file_key]
+        if not isinstance(path, str) or not path:
+            problems.append(Problem(where, f"must be a file path, got {path!r}"))
+            continue
+        try:
+            # One trailing newline is what editors and `echo` leave; the secret is the rest.
+            out[secret_key] = Path(path).read_text().removesuffix("\n").removesuffix("\r")
+        except OSError as exc:
+            problems.append(Problem(where, f"cannot read {path}: {exc.strerror or exc}"))
+    return out
+
+
 def _join(prefix: str, name: str | int) -> str:
     if isinstance(name, int):
         return f"{prefix}[{name}]"
@@ -295,6 +326,7 @@ def load_config(
 
     problems: list[Problem] = []
     data = _interpolate(raw, "", dict(os.environ) if env is None else env, problems)
+    data = _secret_files(data, "", problems)
     early = prechecks(data) if prechecks is not None else []
     problems.extend(early)
     reported = [p.key.rsplit(".", 1)[0] for p in early]

@@ -222,3 +222,23 @@ def test_cloud_scale_out_and_ingest_keys_are_checked(tmp_path: Path, section: st
     (line,) = error.value.lines()
     assert line.startswith(f"{path}: {key}: ")
     assert message in line
+
+
+def test_secrets_come_from_files(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[gateway]\nsite = "s"\nid = "g"\n[uplink]\nusername = "u"\npassword_file = "{secret}"\n')
+    assert load_gateway_config(path).uplink.password.get_secret_value() == "s3cret"  # type: ignore[union-attr]
+
+    path.write_text(f'[gateway]\nsite = "s"\nid = "g"\n[uplink]\npassword = "x"\npassword_file = "{secret}"\n')
+    with pytest.raises(ConfigError) as both:
+        load_gateway_config(path)
+    assert both.value.lines() == [f"{path}: uplink.password_file: set password or password_file, not both"]
+
+    path.write_text(f'[gateway]\nsite = "s"\nid = "g"\n[uplink]\npassword_file = "{tmp_path / "missing"}"\n')
+    with pytest.raises(ConfigError) as missing:
+        load_gateway_config(path)
+    assert missing.value.lines() == [
+        f"{path}: uplink.password_file: cannot read {tmp_path / 'missing'}: No such file or directory"
+    ]
