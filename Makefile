@@ -6,7 +6,7 @@ PYTHON   ?= python3
 BIN      := $(VENV)/bin
 DURATION ?=
 # Debian packages the tests talk to (real servers, never mocks).
-TEST_DEBS := mosquitto victoria-metrics openssl mbpoll
+TEST_DEBS := mosquitto victoria-metrics openssl mbpoll systemd
 
 .PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live bench-acquisition bench-ingest
 
