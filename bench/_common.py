@@ -757,3 +757,27 @@ class ProcIO:
             key, _, value = line.partition(":")
             fields[key] = int(value)
         return cls(fields["read_bytes"], fields["write_bytes"], fields["rchar"], fields["wchar"])
+
+
+def mqtt_subscriber(port: int, topic_filter: str, client_id: str, on_message: Callable[..., None]) -> Any:
+    """A paho client on the loopback broker, subscribed to ``topic_filter`` once this returns.
+
+    Its network loop runs in its own thread; stop it with ``disconnect()`` and ``loop_stop()``.
+    """
+    import paho.mqtt.client as paho  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
+
+    subscribed = threading.Event()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True, protocol=MQTTProtocolVersion.MQTTv311
+    )
+    client.on_connect = lambda c, *_: c.subscribe(topic_filter, qos=0)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = on_message
+    client.connect(LOOPBACK, port, keepalive=60)
+    client.loop_start()
+    if not subscribed.wait(15):
+        client.disconnect()
+        client.loop_stop()
+        raise BenchError(f"no SUBACK from mosquitto for {topic_filter}")
+    return client

@@ -61,7 +61,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +75,7 @@ from bench._common import (
     free_port,
     log_tail,
     median,
+    mqtt_subscriber,
     percentile,
     port_accepts,
     spawn,
@@ -303,8 +303,6 @@ class CloudWatcher:
     """
 
     def __init__(self, port: int, pids: dict[str, int]) -> None:
-        import paho.mqtt.client as paho  # noqa: PLC0415 (only this part needs it)
-        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
 
         from fieldlink.wire import WireError, decode  # noqa: PLC0415
 
@@ -313,22 +311,8 @@ class CloudWatcher:
         self.health: list[Health] = []
         self.records: list[tuple[str, int, int, int]] = []  # (device, seq, ts, values)
         self.undecodable = 0
-        self._subscribed = threading.Event()
         self._prefix = f"fl/{SITE}/{GATEWAY}/"
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"bench-acq-{os.getpid()}",
-            clean_session=True,
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
-        self.client.on_connect = lambda client, *_: client.subscribe("fl/#", qos=0)
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(LOOPBACK, port, keepalive=60)
-        self.client.loop_start()
-        if not self._subscribed.wait(15):
-            self.stop()
-            raise BenchError("no SUBACK from mosquitto")
+        self.client = mqtt_subscriber(port, "fl/#", f"bench-acq-{os.getpid()}", self._on_message)
 
     def stop(self) -> None:
         self.client.disconnect()

@@ -84,6 +84,7 @@ from bench._common import (
     ProcStats,
     log_tail,
     median,
+    mqtt_subscriber,
     percentile,
     spawn,
     stop_process,
@@ -298,26 +299,10 @@ class HealthWatch:
     """QoS 0 subscriber on ``fl-cloud/+/health``: every worker's reports, by worker name, as they come."""
 
     def __init__(self, port: int) -> None:
-        import paho.mqtt.client as paho  # noqa: PLC0415
-        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
 
         self.reports: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"bench-ingest-watch-{os.getpid()}",
-            clean_session=True,
-            protocol=MQTTProtocolVersion.MQTTv311,
-        )
-        self.client.on_connect = lambda client, *_: client.subscribe("fl-cloud/+/health", qos=0)
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(LOOPBACK, port, keepalive=60)
-        self.client.loop_start()
-        if not self._subscribed.wait(15):
-            self.stop()
-            raise BenchError("health watcher: no SUBACK from mosquitto")
+        self.client = mqtt_subscriber(port, "fl-cloud/+/health", f"bench-ingest-watch-{os.getpid()}", self._on_message)
 
     def stop(self) -> None:
         self.client.disconnect()
