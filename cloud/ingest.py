@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -25,7 +26,7 @@ from cloud.notify.outbox import Outbox
 from cloud.rules import RuleEngine
 from cloud.spool import Spool
 from cloud.stores.base import Store, StoreRejected, StoreUnavailable
-from fieldlink.mqtt import Message, MqttConnection, PublishRefused
+from fieldlink.mqtt import ConnectionLost, Message, MqttConnection, PublishRefused
 from fieldlink.wire import Record, Topic, TopicKind, WireError, decode, decode_state
 
 __all__ = ["IngestCounters", "IngestPipeline"]
@@ -133,21 +134,23 @@ class IngestPipeline:
             if self.dashboard is not None:
                 views += self.dashboard.messages(fresh)
         if views and conn.is_open:
-            for topic_name, payload, retain in views:
-                conn.publish(topic_name, payload, qos=1 if retain else 0, retain=retain)
-        await self._settle(dead)
+            with contextlib.suppress(ConnectionLost):  # dashboards are a view; the batch is redelivered anyway
+                for topic_name, payload, retain in views:
+                    conn.publish(topic_name, payload, qos=1 if retain else 0, retain=retain)
+        if not await self._settle(dead):
+            return  # the connection is gone: nothing is acknowledged, the broker redelivers the batch
         for message in batch:
             conn.ack(message)
 
     def _decode(
         self, conn: MqttConnection, batch: Sequence[Message]
-    ) -> tuple[list[Record], list[DeadLetter], list[View]]:
+    ) -> tuple[list[Record], list[DeadLetter | None], list[View]]:
         """The records of a batch, and the dashboard views of its status messages.
 
         Each bad message goes to the dead-letter topic (its PUBACK pending).
         """
         records: list[Record] = []
-        dead: list[DeadLetter] = []
+        dead: list[DeadLetter | None] = []
         views: list[View] = []
         for message in batch:
             self.counters.messages += 1
@@ -184,21 +187,30 @@ class IngestPipeline:
         self.counters.statuses += 1
         return self.dashboard.status_messages(parsed.site, parsed.gateway, parsed.device, decode_state(message.payload))
 
-    async def _settle(self, dead: list[DeadLetter]) -> None:
+    async def _settle(self, dead: list[DeadLetter | None]) -> bool:
         """Wait for the dead letters' PUBACKs: a bad message is acknowledged only once it is set aside.
 
         A crash in between makes the broker redeliver it, and it is set aside again.
+        False if the connection was lost meanwhile (then nothing may be acknowledged).
         """
+        intact = True
         for letter in dead:
+            if letter is None:
+                intact = False
+                continue
             try:
                 await letter
             except PublishRefused as exc:
                 extra = {"topic": self.dead_letter_topic, "reason": str(exc)}
                 log.error("dead letter refused by the broker", extra=extra)
+            except ConnectionLost:
+                intact = False
             else:
                 self.counters.dead_letters += 1
+        return intact
 
-    def _dead_letter(self, conn: MqttConnection, message: Message, reason: str) -> DeadLetter:
+    def _dead_letter(self, conn: MqttConnection, message: Message, reason: str) -> DeadLetter | None:
+        """Publish the dead letter of a bad message; None if the connection is already gone."""
         oversized = len(message.payload) > self.max_message_bytes
         letter = {
             "ts": time.time_ns() // 1_000_000,
@@ -209,7 +221,10 @@ class IngestPipeline:
             # The original, to inspect or replay (left out when oversized).
             "payload_b64": None if oversized else base64.b64encode(message.payload).decode(),
         }
-        return conn.publish(self.dead_letter_topic, json.dumps(letter, separators=(",", ":")).encode(), qos=1)
+        try:
+            return conn.publish(self.dead_letter_topic, json.dumps(letter, separators=(",", ":")).encode(), qos=1)
+        except ConnectionLost:
+            return None
 
     async def _store_or_spool(self, records: Sequence[Record]) -> list[Record]:
         """The records that are durable now: in the store, or in the spool when the store is down.

@@ -46,6 +46,9 @@ class Spool:
         self.spooled_total = 0
         self.drained_total = 0
         self._wake = asyncio.Event()
+        # add() and the drainer's "is it empty?" must not interleave, or a batch added
+        # while the drainer looks could be counted away and wait for the next outage.
+        self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         def totals(db: sqlite3.Connection) -> tuple[int, int | None]:
@@ -72,12 +75,13 @@ class Spool:
         def insert(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO spool (created_ms, records, body) VALUES (?, ?, ?)", (now, len(records), body))
 
-        await self._file.run(insert)
-        self.records += len(records)
-        self.spooled_total += len(records)
-        if self.oldest_ms is None:
-            self.oldest_ms = now
-        self._wake.set()
+        async with self._lock:
+            await self._file.run(insert)
+            self.records += len(records)
+            self.spooled_total += len(records)
+            if self.oldest_ms is None:
+                self.oldest_ms = now
+            self._wake.set()
 
     async def drain(self, write: Callable[[Sequence[Record]], Awaitable[None]]) -> None:
         """Forever: hand the oldest spooled batches to ``write`` and delete them once it returns.
@@ -87,15 +91,16 @@ class Spool:
         """
         while True:
             await self._wake.wait()
-            rows = await self._file.run(
-                lambda db: db.execute(
-                    "SELECT id, records, body FROM spool ORDER BY id LIMIT ?", (DRAIN_BATCHES,)
-                ).fetchall()
-            )
-            if not rows:
-                self._wake.clear()
-                self.records, self.oldest_ms = 0, None
-                continue
+            async with self._lock:
+                rows = await self._file.run(
+                    lambda db: db.execute(
+                        "SELECT id, records, body FROM spool ORDER BY id LIMIT ?", (DRAIN_BATCHES,)
+                    ).fetchall()
+                )
+                if not rows:
+                    self._wake.clear()
+                    self.records, self.oldest_ms = 0, None
+                    continue
             for row_id, count, body in rows:
                 records = [record for envelope in msgpack.unpackb(body) for record in decode(envelope)]
                 await write(records)
