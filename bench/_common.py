@@ -781,3 +781,29 @@ def mqtt_subscriber(port: int, topic_filter: str, client_id: str, on_message: Ca
         client.loop_stop()
         raise BenchError(f"no SUBACK from mosquitto for {topic_filter}")
     return client
+
+
+def paho_connect(client_id: str, port: int, deadline: float, window: int = 20, *, clean_session: bool = True) -> Any:
+    """A paho client (MQTT 3.1.1) connected to the loopback broker on ``port``, driven by loop() calls.
+
+    ``window`` caps unacknowledged QoS 1 messages; nothing is queued beyond it.
+    """
+    import paho.mqtt.client as paho  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
+
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=clean_session,
+        protocol=MQTTProtocolVersion.MQTTv311,
+    )
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+    connected: list[bool] = []
+    client.on_connect = lambda *_: connected.append(True)
+    client.connect(LOOPBACK, port, keepalive=60)
+    while not connected:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{client_id}: no CONNACK from port {port}")
+        client.loop(timeout=0.05)
+    return client

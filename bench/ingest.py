@@ -85,6 +85,7 @@ from bench._common import (
     log_tail,
     median,
     mqtt_subscriber,
+    paho_connect,
     percentile,
     spawn,
     stop_process,
@@ -199,28 +200,6 @@ def now_ms() -> int:
 # --- the publisher (its own process) ---------------------------------------------------------
 
 
-def _paho_client(client_id: str, port: int, window: int, deadline: float, *, clean_session: bool = True) -> Any:
-    import paho.mqtt.client as paho  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
-
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        clean_session=clean_session,
-        protocol=MQTTProtocolVersion.MQTTv311,
-    )
-    client.max_inflight_messages_set(window)
-    client.max_queued_messages_set(0)
-    connected: list[bool] = []
-    client.on_connect = lambda *_: connected.append(True)
-    client.connect(LOOPBACK, port, keepalive=60)
-    while not connected:
-        if time.monotonic() > deadline:
-            raise BenchError(f"{client_id}: no CONNACK from port {port}")
-        client.loop(timeout=0.05)
-    return client
-
-
 def run_publisher(args: argparse.Namespace) -> int:
     """Publish ``points`` records in batch envelopes at QoS 1, flat out (pre-encoded) or paced.
 
@@ -239,7 +218,7 @@ def run_publisher(args: argparse.Namespace) -> int:
         return fleet.topics[g], encode_batch(fleet.site, fleet.gateways[g], records)
 
     deadline = time.monotonic() + args.deadline
-    client = _paho_client(f"bench-ingest-pub-{os.getpid()}", args.port, args.window, deadline)
+    client = paho_connect(f"bench-ingest-pub-{os.getpid()}", args.port, deadline, args.window)
     prepared = [] if paced else [encode(size) for size in sizes]
     acked = 0
 
@@ -501,7 +480,7 @@ level = "warning"
         """Stop it and end its persistent session, so mosquitto queues nothing more for it."""
         stop_process(worker.proc, timeout=15)
         self.workers.remove(worker)
-        client = _paho_client(worker.client_id, self.mosquitto.port, 20, time.monotonic() + 10, clean_session=True)
+        client = paho_connect(worker.client_id, self.mosquitto.port, time.monotonic() + 10)
         client.disconnect()
         client.loop(timeout=0.1)
 

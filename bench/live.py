@@ -65,6 +65,7 @@ from bench._common import (
     free_port,
     log_tail,
     median,
+    paho_connect,
     percentile,
     port_accepts,
     spawn,
@@ -127,29 +128,6 @@ def _record_maker(site: str, gateway: str, prefix: str, devices: int) -> Callabl
     return make
 
 
-def _paho_connect(name: str, port: int, deadline: float, window: int = 20) -> Any:
-    """A paho client (MQTT 3.1.1, clean session) connected to ``port``, driven by loop() calls."""
-    import paho.mqtt.client as paho  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: PLC0415
-
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{name}-{os.getpid()}",
-        clean_session=True,
-        protocol=MQTTProtocolVersion.MQTTv311,
-    )
-    client.max_inflight_messages_set(window)
-    client.max_queued_messages_set(0)
-    connected: list[bool] = []
-    client.on_connect = lambda *_: connected.append(True)
-    client.connect(LOOPBACK, port, keepalive=60)
-    while not connected:
-        if time.monotonic() > deadline:
-            raise BenchError(f"{name}: no CONNACK from port {port}")
-        client.loop(timeout=0.05)
-    return client
-
-
 def run_publisher(args: argparse.Namespace) -> int:
     """Publish ``count`` records at QoS 1 with at most ``window`` unacknowledged, paced or flat out.
 
@@ -157,7 +135,7 @@ def run_publisher(args: argparse.Namespace) -> int:
     """
     make = _record_maker(args.site, args.gateway, args.prefix, args.devices)
     deadline = time.monotonic() + args.deadline
-    client = _paho_connect("bench-pub", args.port, deadline, args.window)
+    client = paho_connect(f"bench-pub-{os.getpid()}", args.port, deadline, args.window)
     acked = 0
 
     def on_publish(*_: object) -> None:
@@ -208,7 +186,7 @@ def run_subscriber(args: argparse.Namespace) -> int:
     from fieldlink.wire import WireError, decode  # noqa: PLC0415
 
     deadline = time.monotonic() + args.deadline
-    client = _paho_connect("bench-sub", args.port, deadline)
+    client = paho_connect(f"bench-sub-{os.getpid()}", args.port, deadline)
     subscribed: list[bool] = []
     client.on_subscribe = lambda *_: subscribed.append(True)
     client.subscribe(args.filter, qos=1)
