@@ -5,11 +5,13 @@ See ``docs/config-gateway.md`` for every key; ``configs/gateway.toml`` is a comm
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
+from fieldlink.broker_auth import PasswordFileError, check_topic_filter, read_password_file
 from fieldlink.configkit import (
     Duration,
     MetricsSection,
@@ -44,9 +46,31 @@ class GatewaySection(Schema):
     drain_timeout: Duration = Field(default=5.0, description="how long shutdown waits for the buffer to drain")
 
 
+TopicFilter = Annotated[str, AfterValidator(check_topic_filter)]
+
+
+class TopicRulesSection(Schema):
+    """``[local_broker.acl.<user>]``: the topic filters one user may publish to and subscribe within."""
+
+    publish: list[TopicFilter] = Field(default_factory=list)
+    subscribe: list[TopicFilter] = Field(default_factory=list)
+
+
 class LocalBrokerSection(Schema):
     enabled: bool = True
     bind: str = "127.0.0.1:1883"
+    users_file: Path | None = Field(default=None, description="amqtt password file; set: clients must log in")
+    allow_anonymous_on_lan: bool = False
+    acl: dict[str, TopicRulesSection] | None = None
+
+
+class CommandsSection(Schema):
+    """``[commands]``: who may have the gateway write to its devices."""
+
+    # Only the cloud by default: a write moves plant equipment, so each channel is opted
+    # into on purpose, and a plant usually has one commanding master, not two.
+    allow_from: list[Literal["cloud", "local"]] = Field(default_factory=lambda: ["cloud"])
+    local_users: list[str] | None = None  # None: any local client (when "local" is allowed)
 
 
 class LoggingSection(Schema):
@@ -57,6 +81,7 @@ class LoggingSection(Schema):
 class GatewayConfig(Schema):
     gateway: GatewaySection
     local_broker: LocalBrokerSection = LocalBrokerSection()
+    commands: CommandsSection = CommandsSection()
     buffer: BufferConfig = BufferConfig()
     uplink: UplinkConfig = UplinkConfig()
     logging: LoggingSection = LoggingSection()
@@ -93,7 +118,73 @@ def _cross_checks(config: GatewayConfig) -> list[Problem]:
     host, _, port = config.local_broker.bind.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         problems.append(Problem("local_broker.bind", f"must be HOST:PORT, got {config.local_broker.bind!r}"))
+    elif config.local_broker.enabled:
+        problems += _local_broker_checks(config.local_broker, host)
+    return problems + _commands_checks(config)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: assume it is reachable from the network
+
+
+def _local_broker_checks(section: LocalBrokerSection, host: str) -> list[Problem]:
+    """The local broker is open to this machine only, unless it asks for logins or says it means it."""
+    problems: list[Problem] = []
+    if section.users_file is None:
+        if not _is_loopback(host) and not section.allow_anonymous_on_lan:
+            problems.append(
+                Problem(
+                    "local_broker.bind",
+                    f"{section.bind!r} lets other hosts in, and anyone who can reach it could publish "
+                    "(device commands included): set local_broker.users_file to require a login, or "
+                    "local_broker.allow_anonymous_on_lan = true to accept anonymous clients from the network",
+                )
+            )
+        if section.acl is not None:
+            problems.append(Problem("local_broker.acl", "needs local_broker.users_file (rules are per logged-in user)"))
+        return problems
+    if section.allow_anonymous_on_lan:
+        problems.append(
+            Problem("local_broker.allow_anonymous_on_lan", "contradicts local_broker.users_file: every client logs in")
+        )
+    try:
+        users = read_password_file(section.users_file)
+    except PasswordFileError as exc:
+        return [*problems, Problem("local_broker.users_file", str(exc))]
+    for user in section.acl or {}:
+        if user not in users:
+            problems.append(Problem(f"local_broker.acl.{user}", f"no user {user!r} in {section.users_file}"))
     return problems
+
+
+def _commands_checks(config: GatewayConfig) -> list[Problem]:
+    commands, broker = config.commands, config.local_broker
+    if commands.local_users is None:
+        return []
+    if "local" not in commands.allow_from:
+        return [Problem("commands.local_users", 'has no effect: commands.allow_from does not include "local"')]
+    if broker.users_file is None or not broker.enabled:
+        return [
+            Problem(
+                "commands.local_users",
+                "needs local_broker.users_file: without logins a local client has no user name",
+            )
+        ]
+    try:
+        users = read_password_file(broker.users_file)
+    except PasswordFileError:
+        return []  # reported under local_broker.users_file
+    return [
+        Problem(f"commands.local_users[{i}]", f"no user {user!r} in {broker.users_file}")
+        for i, user in enumerate(commands.local_users)
+        if user not in users
+    ]
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:

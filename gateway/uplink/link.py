@@ -91,6 +91,16 @@ class Uplink:
         self._byte_rate = RateLimit(config.max_bytes_per_s)
         buffer.on_commit(self._on_commit)
 
+    @property
+    def state(self) -> str:
+        """connecting, connected, disconnected or stopped; ``state_since_ms`` says since when."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != getattr(self, "_state", None):
+            self._state, self.state_since_ms = value, _now_ms()
+
     def _on_commit(self) -> None:
         if self.lanes:
             self.lanes[0].more = True  # the live lane
@@ -322,6 +332,7 @@ class Uplink:
             lag = round((now - backlog.last_sent_created_ms) / 1000, 1)
         return {
             "state": self.state,
+            "since_ms": self.state_since_ms,
             "last_error": self.last_error,
             "connects": self.connects_total,
             "dead_links": self.dead_links,

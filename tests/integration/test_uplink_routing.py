@@ -38,6 +38,7 @@ def test_a_topic_prefix_namespaces_everything_and_commands_travel_down_and_resul
         '{ name = "count", address = 3, type = "uint16", writable = true }',
     )
     gateway_config = gateway_toml(gateway_state, local_port, mosquitto.url, source)
+    gateway_config += '\n[commands]\nallow_from = ["cloud", "local"]\n'  # a local HMI commands below too
     gateway = programs.gateway(gateway_config.replace("[uplink]\n", f'[uplink]\ntopic_prefix = "{PREFIX}/"\n'))
     cloud_config = cloud_toml(tmp_path / "cloud", mosquitto.url, SQLITE_STORE)
     cloud = programs.cloud(cloud_config.replace("[broker]\n", f'[broker]\ntopic_prefix = "{PREFIX}"\n'))
