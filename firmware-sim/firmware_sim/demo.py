@@ -2,8 +2,9 @@
 
 Starts, as separate processes with the sample configs under ``configs/demo/``:
 the simulated fleet, an SMTP catcher saving mails into a folder, the cloud (embedded
-broker, embedded SQLite store, one alert rule) and a gateway. Ports are picked at
-run time and handed to the configs through environment variables.
+broker, embedded SQLite store, one alert rule, the live dashboard page) and a gateway.
+Ports are picked at run time and handed to the configs through environment variables;
+the page's URL is printed once the cloud serves it.
 
 It stops on Ctrl-C or after ``--duration`` seconds, in the order that loses nothing:
 the gateway first (it stops polling and drains its buffer), then the cloud once it
@@ -110,8 +111,8 @@ class _Status:
             f" | buffered {buffered}"
             f" | delivered {g.get('records_delivered', 0)}"
             f" | stored {c.get('records_stored', 0)}"
-            f" | alerts {c.get('alerts_fired', 0)}"
-            f" | emails {c.get('notifications_sent', 0)}"
+            f" | alerts {c.get('alerts', {}).get('fired_total', 0)}"
+            f" | emails {c.get('alerts', {}).get('notifications_sent', 0)}"
             f" | uplink {g.get('uplink', {}).get('state', '-')}"
         )
 
@@ -171,7 +172,7 @@ class _Demo:
     def __init__(self, configs: Path, workdir: Path, bin_dir: Path) -> None:
         self.workdir = workdir
         self.mail_folder = workdir / "mail"
-        self.ports = {name: _free_port() for name in ("MODBUS", "LOCAL", "CLOUD", "SMTP")}
+        self.ports = {name: _free_port() for name in ("MODBUS", "LOCAL", "CLOUD", "SMTP", "CLOUD_WS", "WEB")}
         self.env = dict(os.environ)
         self.env.update({f"FIELDLINK_DEMO_{name}_PORT": str(port) for name, port in self.ports.items()})
         self.env["FIELDLINK_DEMO_DIR"] = str(workdir)
@@ -212,6 +213,8 @@ class _Demo:
         await _wait_port(self.mail, self.ports["SMTP"])
         self.cloud.start(self.env)
         await _wait_port(self.cloud, self.ports["CLOUD"])
+        await _wait_port(self.cloud, self.ports["WEB"])
+        print(f"dashboard: http://127.0.0.1:{self.ports['WEB']}/", file=sys.stderr, flush=True)
         cloud_seen = self._watch(self.ports["CLOUD"], "fl-cloud/+/health", self.status.cloud)
         # The cloud publishes health only once it is subscribed: start the gateway after that.
         async with asyncio.timeout(PROCESS_START_TIMEOUT):
@@ -292,7 +295,7 @@ async def run_demo(configs: Path, workdir: Path, duration: float | None, bin_dir
         "messages_left_in_buffer": gateway_final["buffer"]["messages"],
         "points_stored": points,
         "records_stored": len(stored),
-        "alerts_fired": cloud_final["alerts_fired"],
+        "alerts_fired": cloud_final["alerts"]["fired_total"],
         "emails_sent": len(list(demo.mail_folder.glob("*.eml"))),
         "records_lost": len(produced - stored),
         "mail_folder": str(demo.mail_folder),
