@@ -6,14 +6,17 @@ PYTHON   ?= python3
 BIN      := $(VENV)/bin
 DURATION ?=
 # Debian packages the tests talk to (real servers, never mocks).
-TEST_DEBS := mosquitto victoria-metrics openssl mbpoll systemd
+TEST_DEBS := mosquitto victoria-metrics openssl mbpoll systemd chromium
+# The dashboard page's MQTT client: MQTT.js from npm (pinned in web/package-lock.json), its browser
+# bundle copied next to the page (gitignored), where fieldlink-cloud serves it (docs/web-dashboard.md).
+WEB_BUNDLE := cloud/web/static/vendor/mqtt.min.js
 
-.PHONY: demo test lint format install debian-test-deps clean chaos bench-replay bench-live bench-acquisition bench-ingest
+.PHONY: demo test web lint format install debian-test-deps clean chaos bench-replay bench-live bench-acquisition bench-ingest bench-alerts
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed web
 	@$(BIN)/firmware-sim demo $(if $(DURATION),--duration $(DURATION))
 
-test: $(VENV)/.installed debian-test-deps
+test: $(VENV)/.installed debian-test-deps web
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -34,6 +37,9 @@ bench-acquisition: $(VENV)/.installed debian-test-deps
 bench-ingest: $(VENV)/.installed debian-test-deps
 	$(BIN)/python -m bench.ingest
 
+bench-alerts: $(VENV)/.installed debian-test-deps
+	$(BIN)/python -m bench.alerts
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -43,6 +49,14 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 
 install: $(VENV)/.installed
+
+web: $(WEB_BUNDLE)
+
+$(WEB_BUNDLE): web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { echo "make web: npm not found; install Node.js and npm (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund
+	@mkdir -p $(@D)
+	cp web/node_modules/mqtt/dist/mqtt.min.js $@
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -63,4 +77,4 @@ debian-test-deps:
 	fi
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache .hypothesis *.egg-info web/node_modules $(dir $(WEB_BUNDLE))

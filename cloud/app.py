@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import time
 from typing import Any
 
+from cloud.alerting.service import AlertService
 from cloud.config import CloudConfig
 from cloud.dashboard import DashboardPublisher
 from cloud.ingest import IngestPipeline
 from cloud.metrics import cloud_metrics
-from cloud.notify.outbox import Outbox
 from cloud.notify.registry import build_notifier
-from cloud.rules import RuleEngine
 from cloud.spool import Spool
 from cloud.stores.registry import build_store
+from cloud.web import DashboardWebServer
+from fieldlink import sdnotify
 from fieldlink.embedded_broker import EmbeddedBroker
 from fieldlink.metrics import MetricsExporter
 from fieldlink.mqtt import ConnectFailed, ConnectionLost, MqttConnection
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
+from fieldlink.status_socket import CONTROL_SOCKET, StatusServer
 
 __all__ = ["CloudApp", "cloud_health_topic", "dead_letter_topic"]
 
@@ -37,22 +40,29 @@ def dead_letter_topic(name: str) -> str:
     return f"fl-cloud/{name}/dead-letter"
 
 
+def _publish_retained(conn: MqttConnection, topic: str, payload: bytes, retain: bool) -> None:
+    conn.publish(topic, payload, qos=1, retain=retain)
+
+
 class CloudApp:
     def __init__(self, config: CloudConfig) -> None:
         self.config = config
         state_dir = config.cloud.state_dir
         self.store = build_store(config.store, config)
         self.notifiers = {n.name: build_notifier(n) for n in config.notifiers}
-        self.outbox = Outbox(state_dir / "outbox.db", self.notifiers)
-        self.rules = RuleEngine(config.rules)
         dashboard = DashboardPublisher(config.dashboard.prefix) if config.dashboard.enabled else None
+        self.alerts = AlertService(
+            config.alerting,
+            list(config.rules),
+            self.notifiers,
+            state_dir / "alerts.db",
+            config.dashboard.prefix if config.dashboard.enabled else None,
+        )
         self.topic_prefix = config.broker.topic_prefix
         self.spool = Spool(state_dir / "spool.db") if config.ingest.spool else None
         self.pipeline = IngestPipeline(
             self.store,
-            self.rules,
-            self.outbox,
-            self.notifiers,
+            self.alerts,
             dashboard,
             topic_prefix=self.topic_prefix,
             dead_letter_topic=config.ingest.dead_letter_topic or dead_letter_topic(config.cloud.name),
@@ -64,6 +74,12 @@ class CloudApp:
         self.broker = (
             EmbeddedBroker(config.broker.bind, ws_bind=config.broker.ws_bind) if config.broker.embedded else None
         )
+        web_mqtt_url = config.web.browser_mqtt_url(config.broker)  # the config check made sure it is set
+        self.web = (
+            DashboardWebServer(config.web.bind, mqtt_url=web_mqtt_url, prefix=config.dashboard.prefix)
+            if config.web.enabled and web_mqtt_url
+            else None
+        )
         self.mqtt_settings = config.broker.effective()
         self.client_id = config.broker.client_id or f"fieldlink-cloud-{config.cloud.name}"
         self.broker_state = "connecting"
@@ -71,6 +87,9 @@ class CloudApp:
         self._started = time.monotonic()
         self.metrics = MetricsExporter(cloud_metrics)
         self._rate_mark = (self._started, 0, 0)
+        # `fieldlink-cloud status` asks this socket for the health report. HOOK: a part with
+        # more to show adds a section: self.status.add_section("alerting", callable returning a dict).
+        self.status = StatusServer(state_dir / CONTROL_SOCKET, self._status_report)
 
     async def _consume_forever(self) -> None:
         failures = 0
@@ -79,7 +98,12 @@ class CloudApp:
             conn = MqttConnection(self.mqtt_settings, client_id=self.client_id, clean_session=False, manual_ack=True)
             try:
                 await conn.open()
-                filters = self.config.broker.filters(statuses=self.config.dashboard.enabled)
+                engine = self.alerts.engine
+                filters = self.config.broker.filters(
+                    statuses=self.config.dashboard.enabled or engine.needs_status, health=engine.needs_health
+                )
+                # Alert commands are not shared: every worker hears them and acts on its own alerts.
+                filters += [self.config.alerting.ack_topic, self.config.alerting.silence_topic]
                 await conn.subscribe([(topic_filter, 1) for topic_filter in filters])
             except (ConnectFailed, ConnectionLost) as exc:
                 failures += 1
@@ -95,6 +119,7 @@ class CloudApp:
                 continue
             failures = 0
             self._conn = conn
+            self.alerts.connected(functools.partial(_publish_retained, conn))
             self.broker_state = "connected"
             log.info(
                 "subscribed",
@@ -104,6 +129,7 @@ class CloudApp:
                 await self.pipeline.consume(conn)
             finally:
                 self._conn = None
+                self.alerts.connected(None)
                 await conn.close(timeout=1)
             self.broker_state = "disconnected"
             log.warning("cloud broker connection lost", extra={"reason": conn.closed.result()})
@@ -139,13 +165,20 @@ class CloudApp:
                 "spooled": spool.spooled_total,
                 "drained": spool.drained_total,
             },
-            "alerts_fired": self.rules.fired_total,
-            "alerts_resolved": self.rules.resolved_total,
-            "alerts_firing": self.rules.firing(),
-            "notifications_sent": self.outbox.sent_total,
-            "notification_failures": self.outbox.failed_attempts_total,
-            "outbox_pending": await self.outbox.pending(),
+            "alerts": self.alerts.health(),
         }
+
+    async def _status_report(self) -> dict[str, Any]:
+        """health() for `status`: fresh, except the rates, which are the last periodic report's.
+
+        Rates cover the time since the previous report: computed for a status question, they
+        would cover a moment (noisy) and shorten the window of the next published report.
+        """
+        mark = self._rate_mark
+        report = await self.health()
+        self._rate_mark = mark
+        report["rates"] = self.metrics.report.get("rates", report["rates"])
+        return report
 
     def _rates(self, records: int, stored: int) -> dict[str, float]:
         """Records per second decoded and stored since the previous report."""
@@ -172,33 +205,43 @@ class CloudApp:
 
     async def serve(self, stop: asyncio.Event) -> None:
         await self.store.open()
-        await self.outbox.open()
+        await self.alerts.open()
         if self.config.metrics.bind:
             self.metrics.start(self.config.metrics.bind)
         if self.spool is not None:
             await self.spool.open()
         try:
+            await self.status.start()
             if self.broker is not None:
                 await self.broker.start()
+            if self.web is not None:  # after the broker: the page connects to its WebSocket listener at once
+                await self.web.start()
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(self._consume_forever(), name="ingest"),
-                    group.create_task(self.outbox.run(), name="outbox"),
+                    group.create_task(self.alerts.run(), name="alerting"),
                     group.create_task(self._health_loop(), name="health"),
                 ]
                 if self.spool is not None:
                     tasks.append(group.create_task(self.spool.drain(self.pipeline.drain_write), name="spool"))
+                tasks.append(group.create_task(sdnotify.watchdog_loop(), name="watchdog"))
                 log.info("cloud running", extra={"cloud": self.config.cloud.name, "store": self.store.name})
+                sdnotify.notify("READY=1", f"STATUS=cloud {self.config.cloud.name} running")
                 await stop.wait()
                 log.info("stopping")
+                sdnotify.notify("STOPPING=1")
+                await self.alerts.stop()  # a notification on its way is finished and recorded
                 # Unacknowledged messages stay with the broker; nothing to drain here.
                 for task in tasks:
                     task.cancel()
         finally:
+            await self.status.stop()  # before the stores close: a status answer reads them
+            if self.web is not None:
+                await self.web.stop()
             if self.broker is not None:
                 await self.broker.stop()
             final = await self.health()
-            await self.outbox.close()
+            await self.alerts.close()
             if self.spool is not None:
                 await self.spool.close()
             await self.store.close()

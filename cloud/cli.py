@@ -12,7 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from cloud.config import CloudConfig, load_cloud_config
+from cloud.alerting import cli as alerting_cli
+from cloud.config import CloudConfig, CloudSection, load_cloud_config
 from fieldlink.configkit import ConfigError, parse_duration
 from fieldlink.logs import setup_logging
 from fieldlink.runner import run_async
@@ -39,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--since", help="only points newer than this, e.g. 10m or 2h")
     query.add_argument("--limit", type=int, default=20)
     query.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    status = commands.add_parser("status", help="print what the running cloud is doing (exit 3: not running)")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="the raw status report")
+    alerting_cli.add_parsers(commands)
     return parser
 
 
@@ -83,6 +89,23 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from fieldlink.status_socket import state_dir_of, status_command  # noqa: PLC0415
+    from fieldlink.status_view import render_cloud  # noqa: PLC0415
+
+    try:
+        state_dir = load_cloud_config(args.config).cloud.state_dir
+    except ConfigError as exc:
+        # Secrets the service gets from its environment or credentials are missing in an
+        # operator's shell; the socket can be found without them.
+        try:
+            state_dir = state_dir_of(args.config, "cloud", CloudSection.model_fields["state_dir"].default)
+        except ValueError:
+            print("\n".join(exc.lines()), file=sys.stderr)
+            return 2
+    return status_command("fieldlink-cloud", state_dir, render_cloud, as_json=args.json)
+
+
 async def _serve(config: CloudConfig) -> None:
     from cloud.app import CloudApp  # noqa: PLC0415 (keeps check-config free of broker imports)
 
@@ -99,9 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.file)
     if args.command == "query":
         return _query(args)
+    if args.command == "status":
+        return _status(args)
     config = _load(args.config)
     if config is None:
         return 2
+    if args.command in ("rules", "alerts"):
+        return alerting_cli.run(args, config)
     setup_logging(args.log_level or config.logging.level, args.log_format or config.logging.format)
     return run_async(_serve(config), log)
 

@@ -10,10 +10,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator
 
+from cloud.alerting.config import RULE_KINDS, AlertingSection, RouteConfig, RuleConfig
 from cloud.notify.registry import notifier_kinds
-from cloud.rules import RuleConfig
 from cloud.stores.registry import store_kinds
 from fieldlink.configkit import (
+    Bind,
     ByteSize,
     Duration,
     MetricsSection,
@@ -59,12 +60,17 @@ class BrokerSection(MqttSettings):
     shared_group: TopicLevel | None = None
     sites: list[TopicLevel] = Field(default_factory=list)
 
-    def filters(self, statuses: bool = False) -> list[str]:
-        """The subscriptions of this worker: telemetry and batches (and statuses for dashboards),
-        per site or all, shared or not."""
+    def filters(self, statuses: bool = False, health: bool = False) -> list[str]:
+        """The subscriptions of this worker: telemetry and batches (and statuses for dashboards
+        and offline rules, health for backlog rules), per site or all, shared or not."""
         share = f"$share/{self.shared_group}/" if self.shared_group else ""
         sites = self.sites or ["+"]
-        tails = ("dev/+/telemetry", "batch", *(("status", "dev/+/status") if statuses else ()))
+        tails = (
+            "dev/+/telemetry",
+            "batch",
+            *(("status", "dev/+/status") if statuses else ()),
+            *(("health",) if health else ()),
+        )
         return [f"{share}{self.topic_prefix}{ROOT}/{site}/+/{tail}" for site in sites for tail in tails]
 
     def effective(self) -> MqttSettings:
@@ -98,6 +104,30 @@ class DashboardSection(Schema):
     prefix: TopicLevel = "dash"
 
 
+class WebSection(Schema):
+    """The live dashboard page (cloud/web.py, docs/web-dashboard.md): off unless enabled."""
+
+    enabled: bool = False
+    bind: Bind = "127.0.0.1:8080"  # keep it on loopback, or behind a reverse proxy
+    # The ws:// URL the browser opens to reach the broker; default ws://<broker.ws_bind> when embedded.
+    mqtt_url: str | None = None
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _websocket_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"must start with ws:// or wss:// (the broker's WebSocket listener), got {url!r}")
+        return url
+
+    def browser_mqtt_url(self, broker: BrokerSection) -> str | None:
+        """Where the page connects: ``mqtt_url``, else the embedded broker's WebSocket listener."""
+        if self.mqtt_url:
+            return self.mqtt_url
+        if broker.embedded and broker.ws_bind:
+            return f"ws://{broker.ws_bind}"
+        return None
+
+
 class LoggingSection(Schema):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["kv", "json"] = "kv"
@@ -108,11 +138,13 @@ class CloudConfig(Schema):
     broker: BrokerSection = BrokerSection()
     store: StoreConfig = Field(default_factory=lambda: store_kinds()["sqlite"].config_model(kind="sqlite"))  # type: ignore[valid-type]
     dashboard: DashboardSection = DashboardSection()
+    web: WebSection = WebSection()
     ingest: IngestSection = IngestSection()
     logging: LoggingSection = LoggingSection()
     metrics: MetricsSection = MetricsSection()
     notifiers: list[NotifierConfig] = Field(default_factory=list)  # type: ignore[valid-type]
-    rules: list[RuleConfig] = Field(default_factory=list)
+    rules: list[RuleConfig] = Field(default_factory=list)  # type: ignore[valid-type]
+    alerting: AlertingSection = AlertingSection()
 
 
 def _cross_checks(config: CloudConfig) -> list[Problem]:
@@ -124,15 +156,43 @@ def _cross_checks(config: CloudConfig) -> list[Problem]:
         if notifier.name in notifier_names:
             problems.append(Problem(f"notifiers[{i}].name", f"{notifier.name!r} is used twice"))
         notifier_names.add(notifier.name)
+    known = ", ".join(sorted(notifier_names)) or "none configured"
+
+    def receiver(key: str, name: str) -> None:
+        if name not in notifier_names:
+            problems.append(Problem(key, f"no notifier named {name!r} (known: {known})"))
+
     rule_names: set[str] = set()
     for i, rule in enumerate(config.rules):
         if rule.name in rule_names:
             problems.append(Problem(f"rules[{i}].name", f"{rule.name!r} is used twice"))
         rule_names.add(rule.name)
         for j, target in enumerate(rule.notify):
-            if target not in notifier_names:
-                known = ", ".join(sorted(notifier_names)) or "none configured"
-                problems.append(Problem(f"rules[{i}].notify[{j}]", f"no notifier named {target!r} (known: {known})"))
+            receiver(f"rules[{i}].notify[{j}]", target)
+
+    def walk(route: RouteConfig, key: str) -> None:
+        for j, name in enumerate(route.receivers or []):
+            receiver(f"{key}.receivers[{j}]", name)
+        for j, name in enumerate(route.escalate_to or []):
+            receiver(f"{key}.escalate_to[{j}]", name)
+        if route.escalate_to and route.escalate_after is None:
+            problems.append(Problem(f"{key}.escalate_after", "escalate_to needs escalate_after beside it"))
+        for j, child in enumerate(route.routes):
+            walk(child, f"{key}.routes[{j}]")
+
+    walk(config.alerting.routing, "alerting.routing")
+    for name in config.alerting.rate_limits:
+        receiver(f"alerting.rate_limits.{name}", name)
+    if config.web.enabled and config.web.browser_mqtt_url(config.broker) is None:
+        problems.append(
+            Problem(
+                "web.mqtt_url",
+                "the page needs the broker's WebSocket URL: set it (ws://HOST:PORT), "
+                "or run the embedded broker with broker.ws_bind",
+            )
+        )
+    if config.web.enabled and not config.dashboard.enabled:
+        problems.append(Problem("web.enabled", "the page shows dashboard topics: set dashboard.enabled = true"))
     if config.broker.embedded:
         host, _, port = config.broker.bind.rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -158,7 +218,7 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     return load_config(
         path,
         CloudConfig,
-        union_tags=frozenset(store_kinds()) | frozenset(notifier_kinds()),
+        union_tags=frozenset(store_kinds()) | frozenset(notifier_kinds()) | frozenset(RULE_KINDS),
         prechecks=_prechecks,
         checks=_cross_checks,
     )

@@ -19,11 +19,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cloud.alerting.service import AlertService
 from cloud.dashboard import DashboardPublisher
 from cloud.dedup import Deduplicator
-from cloud.notify.base import Notifier
-from cloud.notify.outbox import Outbox
-from cloud.rules import RuleEngine
 from cloud.spool import Spool
 from cloud.stores.base import Store, StoreRejected, StoreUnavailable
 from fieldlink.mqtt import ConnectionLost, Message, MqttConnection, PublishRefused
@@ -71,9 +69,7 @@ class IngestPipeline:
     def __init__(
         self,
         store: Store,
-        rules: RuleEngine,
-        outbox: Outbox,
-        notifiers: dict[str, Notifier],
+        alerts: AlertService,
         dashboard: DashboardPublisher | None,
         *,
         topic_prefix: str = "",
@@ -91,9 +87,10 @@ class IngestPipeline:
         self.max_message_bytes = max_message_bytes
         self.worker = worker
         self.store = store
-        self.rules = rules
-        self.outbox = outbox
-        self.notifiers = notifiers
+        self.alerts = alerts
+        # Alert commands (ack, silence) arrive beside telemetry; statuses and health feed rules.
+        self.command_topics = {alerts.config.ack_topic, alerts.config.silence_topic}
+        self._alert_inputs: list[tuple[str, Message]] = []
         self.dashboard = dashboard
         self.dedup = Deduplicator()
         self.counters = IngestCounters()
@@ -121,18 +118,13 @@ class IngestPipeline:
         if fresh:
             fresh = await self._store_or_spool(fresh)
             self.dedup.commit(fresh)
-            events = self.rules.evaluate(fresh)
-            if events:
-                await self.outbox.enqueue(
-                    [(name, self.notifiers[name].render(e)) for e in events for name in e.rule.notify]
-                )
-                for event in events:
-                    log.info(
-                        "alert " + event.state,
-                        extra={"rule": event.rule.name, "device": event.device, "value": event.value},
-                    )
+            # Alert changes and their notifications are committed before the ack below.
+            await self.alerts.observe(fresh)
             if self.dashboard is not None:
                 views += self.dashboard.messages(fresh)
+        if self._alert_inputs:
+            inputs, self._alert_inputs = self._alert_inputs, []
+            await self._alert_messages(inputs)
         if views and conn.is_open:
             with contextlib.suppress(ConnectionLost):  # dashboards are a view; the batch is redelivered anyway
                 for topic_name, payload, retain in views:
@@ -159,6 +151,16 @@ class IngestPipeline:
                 reason = f"oversized: {len(message.payload)} bytes, the limit is {self.max_message_bytes}"
             else:
                 try:
+                    if message.topic in self.command_topics:
+                        self._alert_inputs.append(("command", message))
+                        continue
+                    if message.topic.endswith("/health"):
+                        self._alert_inputs.append(("health", message))
+                        continue
+                    if message.topic.endswith("/status") and self.alerts.engine.needs_status:
+                        self._alert_inputs.append(("status", message))
+                        views += self._status(message) or []
+                        continue
                     status = self._status(message)
                     if status is not None:
                         views += status
@@ -176,6 +178,31 @@ class IngestPipeline:
                 dead.append(self._dead_letter(conn, message, reason))
         self.counters.records += len(records)
         return records, dead, views
+
+    async def _alert_messages(self, inputs: list[tuple[str, Message]]) -> None:
+        """Statuses and health reports for status rules, and alert commands (never dead letters:
+        a bad one is logged by the alerting service and dropped)."""
+        for kind, message in inputs:
+            if kind == "command":
+                await self.alerts.command(message.topic, message.payload)
+                continue
+            try:
+                parsed = Topic.parse(message.topic.removeprefix(self.topic_prefix))
+                if kind == "status":
+                    state = decode_state(message.payload)
+                    ts = state.get("ts") if isinstance(state.get("ts"), int) else int(time.time() * 1000)
+                    await self.alerts.observe_status(
+                        parsed.site, parsed.gateway, parsed.device, state["state"], state.get("reason"), ts
+                    )
+                else:
+                    body = json.loads(message.payload)
+                    if isinstance(body, dict):
+                        ts = body.get("ts") if isinstance(body.get("ts"), int) else int(time.time() * 1000)
+                        await self.alerts.observe_health(parsed.site, parsed.gateway, body, ts)
+            except (WireError, ValueError, KeyError) as exc:
+                log.warning(
+                    "status or health message not usable by rules", extra={"topic": message.topic, "reason": str(exc)}
+                )
 
     def _status(self, message: Message) -> list[View] | None:
         """Dashboard views of a gateway or device status message; None if it is not one."""

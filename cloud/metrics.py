@@ -39,9 +39,25 @@ def cloud_metrics(h: dict[str, Any]) -> Iterator[Family]:
     yield gauge(
         "fieldlink_cloud_spool_oldest_age_seconds", "Age of the oldest spooled batch", spool.get("oldest_age_s")
     )
-    yield gauge("fieldlink_cloud_alerts_firing", "Alerts firing now", h.get("alerts_firing"))
-    yield counter("fieldlink_cloud_notifications_sent", "Notifications delivered", h.get("notifications_sent"))
+    alerts = h.get("alerts") or {}
+    yield gauge("fieldlink_cloud_alerts_firing", "Alerts firing now", alerts.get("firing"))
+    yield gauge("fieldlink_cloud_alerts_pending", "Alerts waiting for their 'for' duration", alerts.get("pending"))
+    yield gauge("fieldlink_cloud_alerts_acknowledged", "Firing alerts acknowledged", alerts.get("acknowledged"))
+    yield counter("fieldlink_cloud_alerts_fired", "Alert episodes that fired", alerts.get("fired_total"))
+    yield counter("fieldlink_cloud_notifications_sent", "Notifications delivered", alerts.get("notifications_sent"))
     yield counter(
-        "fieldlink_cloud_notification_failures", "Notification attempts that failed", h.get("notification_failures")
+        "fieldlink_cloud_notification_failures",
+        "Notification attempts that failed",
+        alerts.get("notification_failures"),
     )
-    yield gauge("fieldlink_cloud_outbox_pending", "Notifications waiting in the outbox", h.get("outbox_pending"))
+    yield counter(
+        "fieldlink_cloud_notifications_failed_permanently",
+        "Notifications refused for good (not retried)",
+        alerts.get("notifications_failed_permanently"),
+    )
+    yield counter(
+        "fieldlink_cloud_notifications_rate_limited",
+        "Notifications folded into a summary by a rate limit",
+        alerts.get("rate_limited_total"),
+    )
+    yield gauge("fieldlink_cloud_outbox_pending", "Notifications waiting in the outbox", alerts.get("outbox_pending"))

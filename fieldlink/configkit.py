@@ -195,7 +195,13 @@ def _interpolate(node: Any, key: str, env: dict[str, str], problems: list[Proble
 
 # Secrets may come from files (systemd credentials, Docker/Kubernetes secrets):
 # ``password_file = "/run/credentials/fieldlink-gateway.service/uplink"`` sets ``password``.
-SECRET_FILE_KEYS = {"password_file": "password", "token_file": "token"}
+SECRET_FILE_KEYS = {
+    "password_file": "password",
+    "token_file": "token",
+    # The notifiers' secrets (cloud/notify/sms.py, webhook.py).
+    "auth_token_file": "auth_token",
+    "bearer_token_file": "bearer_token",
+}
 
 
 def _secret_files(node: Any, key: str, problems: list[Problem]) -> Any:

@@ -21,11 +21,14 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from fieldlink.embedded_broker import EmbeddedBroker
+from fieldlink import sdnotify
+from fieldlink.embedded_broker import EmbeddedBroker, TopicRules
 from fieldlink.metrics import MetricsExporter
 from fieldlink.snapshot import LAST_HEALTH_FILE, write_snapshot
+from fieldlink.status_socket import CONTROL_SOCKET, StatusServer
 from fieldlink.wire import (
     BadCommand,
     Command,
@@ -62,6 +65,18 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True)
+class CommandOrigin:
+    """Who asked for a command: the cloud (through the uplink), or a client of the local broker."""
+
+    source: Literal["cloud", "local"]
+    client_id: str | None = None
+    user: str | None = None  # the local broker login; None without one
+
+    def __str__(self) -> str:
+        return self.source if self.client_id is None else f"{self.source}:{self.client_id}"
+
+
 class GatewayApp:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -76,9 +91,17 @@ class GatewayApp:
         self.uplink = Uplink(
             config.uplink, self.buffer, site=self.site, gateway=self.gateway_id, on_command=self._relay_command
         )
+        local = config.local_broker
         self.broker = (
-            EmbeddedBroker(config.local_broker.bind, tap=self._on_local_publish)
-            if config.local_broker.enabled
+            EmbeddedBroker(
+                local.bind,
+                tap=self._on_local_publish,
+                users_file=local.users_file,
+                acl=None
+                if local.acl is None
+                else {user: TopicRules(tuple(r.publish), tuple(r.subscribe)) for user, r in local.acl.items()},
+            )
+            if local.enabled
             else None
         )
         self.sources = [build_source(source) for source in config.sources]
@@ -93,6 +116,7 @@ class GatewayApp:
         self._stopping = False
         self.commands_executed = 0
         self.commands_failed = 0
+        self.commands_refused = 0  # not allowed from where they came ([commands]); counted in failed too
         self.readings_published = 0  # polls of our own sources, buffered and published locally
         self.records_buffered = 0  # telemetry records that entered the buffer (ours and local apps')
         self.local_rejected_total = 0
@@ -102,11 +126,13 @@ class GatewayApp:
         self.readings_dropped = 0  # could not be buffered (disk full, I/O error)
         self.states_dropped = 0
         self.device_states: dict[str, DeviceState] = {}
+        self.device_reasons: dict[str, str] = {}  # why a device is degraded or offline
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
         self._rate_mark = (self._started, 0, 0)
         self.drain_on_stop = True  # off for a config reload: the buffer is kept for the next app anyway
         self.metrics = MetricsExporter(gateway_metrics)
+        self.status = StatusServer(config.gateway.state_dir / CONTROL_SOCKET, self._status_report)
 
     # --- ReadingSink, called by the sources ----------------------------------------------
 
@@ -125,6 +151,10 @@ class GatewayApp:
 
     async def device_state(self, device: str, state: DeviceState, reason: str | None) -> None:
         self.device_states[device] = state
+        if reason:
+            self.device_reasons[device] = reason
+        else:
+            self.device_reasons.pop(device, None)
         status_topic = topic(TopicKind.DEVICE_STATUS, self.site, self.gateway_id, device)
         payload = encode_state(state.value, _now_ms(), reason)
         # Through the buffer, so the cloud sees state changes in order with the data.
@@ -145,7 +175,8 @@ class GatewayApp:
         if (parsed.site, parsed.gateway) != (self.site, self.gateway_id):
             return
         if parsed.kind is TopicKind.COMMAND and parsed.device in self._writers:
-            self._start_command(parsed.device, payload, origin=f"local:{client_id}")
+            user = self.broker.username(client_id) if self.broker is not None else None
+            self._start_command(parsed.device, payload, CommandOrigin("local", client_id, user))
             return
         if parsed.kind in (TopicKind.TELEMETRY, TopicKind.COMMAND_RESULT):
             if not self._taking_local:
@@ -242,7 +273,7 @@ class GatewayApp:
         with contextlib.suppress(WireError):
             parsed = Topic.parse(topic_name)
             if parsed.device in self._writers:
-                self._start_command(parsed.device, payload, origin="cloud", retained=retained)
+                self._start_command(parsed.device, payload, CommandOrigin("cloud"), retained=retained)
                 return False
         if self.broker is None:
             raise RuntimeError("no local broker to relay commands to (local_broker.enabled = false)")
@@ -251,17 +282,30 @@ class GatewayApp:
 
     # --- commands to our own devices --------------------------------------------------------
 
-    def _start_command(self, device: str, payload: bytes, origin: str, retained: bool = False) -> None:
+    def _start_command(self, device: str, payload: bytes, origin: CommandOrigin, retained: bool = False) -> None:
         if self._stopping:
             # The sources are stopping or stopped: a write now would reopen their buses.
             self.commands_failed += 1
-            log.warning("command refused: gateway stopping", extra={"device": device, "origin": origin})
+            log.warning(
+                "command refused: gateway stopping",
+                extra={"device": device, "origin": str(origin), "user": origin.user or "-"},
+            )
             return
         # Its own task: a write waits for its bus, and neither the uplink nor the local
         # broker may wait for that.
         task = asyncio.create_task(self._execute_command(device, payload, origin, retained), name=f"command-{device}")
         self._commands.add(task)
         task.add_done_callback(self._commands.discard)
+
+    def _refusal(self, origin: CommandOrigin) -> str | None:
+        """Why a command from ``origin`` may not be carried out ([commands]); None if it may."""
+        allowed = self.config.commands
+        if origin.source not in allowed.allow_from:
+            return f"commands from {origin.source} are not allowed"
+        if origin.source == "local" and allowed.local_users is not None and origin.user not in allowed.local_users:
+            who = f"user {origin.user!r}" if origin.user else "clients without a login"
+            return f"commands from local {who} are not allowed"
+        return None
 
     async def _write(self, device: str, command: Command) -> tuple[str, str | None]:
         """Status and reason of one write."""
@@ -278,17 +322,20 @@ class GatewayApp:
             return "error", "internal error (see the gateway's log)"
         return "ok", None
 
-    async def _execute_command(self, device: str, payload: bytes, origin: str, retained: bool) -> None:
+    async def _execute_command(self, device: str, payload: bytes, origin: CommandOrigin, retained: bool) -> None:
         """Carry out one command and publish its result (ok / error / timeout, with the reason)."""
         details: dict[str, Any] = {"device": device}
+        refusal = self._refusal(origin)
         try:
             command = decode_command(payload)
         except BadCommand as exc:
-            command_id, status, reason = exc.command_id, "error", f"bad command: {exc}"
+            command_id, status, reason = exc.command_id, "error", refusal or f"bad command: {exc}"
         else:
             command_id = command.id
             details.update(tag=command.tag, value=command.value)
-            if retained:
+            if refusal:
+                status, reason = "error", refusal
+            elif retained:
                 status, reason = "error", RETAINED_REFUSED
             else:
                 status, reason = await self._write(device, command)
@@ -296,12 +343,17 @@ class GatewayApp:
             self.commands_executed += 1
         else:
             self.commands_failed += 1
-        # Every write attempt is logged with who asked for it.
-        log.log(
-            logging.INFO if status == "ok" else logging.WARNING,
-            "device write",
-            extra={"id": command_id, "origin": origin, **details, "status": status, "reason": reason or "-"},
-        )
+        # Every command is logged with who asked for it: source, MQTT client id, local login.
+        who = {"id": command_id, "origin": str(origin), "user": origin.user or "-"}
+        if refusal:
+            self.commands_refused += 1
+            log.warning("command refused", extra={**who, **details, "reason": refusal})
+        else:
+            log.log(
+                logging.INFO if status == "ok" else logging.WARNING,
+                "device write",
+                extra={**who, **details, "status": status, "reason": reason or "-"},
+            )
         result_topic = topic(TopicKind.COMMAND_RESULT, self.site, self.gateway_id, device)
         result = encode_command_result(command_id, status, _now_ms(), reason, **details)
         await self._buffer_message(result_topic, result)
@@ -345,10 +397,28 @@ class GatewayApp:
             "control_drops": buffer.control_drops,
             "uplink": self.uplink.metrics(),
             "devices": {name: state.value for name, state in self.device_states.items()},
-            "commands": {"executed": self.commands_executed, "failed": self.commands_failed},
+            "device_reasons": dict(self.device_reasons),
+            "local_broker": None if self.broker is None else self.broker.counters(),
+            "commands": {
+                "executed": self.commands_executed,
+                "failed": self.commands_failed,
+                "refused": self.commands_refused,
+            },
             "last_seq": buffer.last_seq(),
             "sources": {source.name: source.counters() for source in self.sources},
         }
+
+    async def _status_report(self) -> dict[str, Any]:
+        """health() for `status`: fresh, except the rates, which are the last periodic report's.
+
+        Rates cover the time since the previous report: computed for a status question, they
+        would cover a moment (noisy) and shorten the window of the next published report.
+        """
+        mark = self._rate_mark
+        report = await self.health()
+        self._rate_mark = mark
+        report["rates"] = self.metrics.report.get("rates", report["rates"])
+        return report
 
     def _rates(self) -> dict[str, float]:
         """Records per second into the buffer and out to the cloud since the last health report."""
@@ -413,16 +483,19 @@ class GatewayApp:
             if self.broker is not None:
                 await self.broker.start()
                 await self._local_status("online")
+            await self.status.start()
             async with asyncio.TaskGroup() as group:
                 uplink = group.create_task(self.uplink.run(), name="uplink")
                 inputs = [group.create_task(s.run(self), name=f"source-{s.name}") for s in self.sources]
                 if self.broker is not None:
                     inputs.append(group.create_task(self._local_intake(), name="local-intake"))
                 health = group.create_task(self._health_loop(), name="health")
+                watchdog = group.create_task(sdnotify.watchdog_loop(), name="watchdog")
                 log.info(
                     "gateway running",
                     extra={"site": self.site, "gateway": self.gateway_id, "sources": len(self.sources)},
                 )
+                sdnotify.notify("READY=1", f"STATUS=gateway {self.site}/{self.gateway_id} running")
                 await stop.wait()
 
                 log.info("stopping: inputs")
@@ -433,7 +506,9 @@ class GatewayApp:
                 log.info("stopping: drain done", extra={"drained": drained, "left_in_buffer": remaining})
                 health.cancel()
                 uplink.cancel()
+                watchdog.cancel()
         finally:
+            await self.status.stop()  # before the buffer closes: a status answer reads it
             await self._local_status("offline", "shutdown")
             if self.broker is not None:
                 await self.broker.stop()

@@ -1,1 +1,1 @@
-"""Notifications: a durable outbox in front of notifier plugins (email, later SMS and webhooks)."""
+"""Notifier plugins (email, SMS, webhook) behind one contract; the outbox in front of them is cloud/alerting/."""

@@ -1,3 +1,3 @@
 """Imports every built-in notifier so that each registers itself."""
 
-from cloud.notify import email  # noqa: F401
+from cloud.notify import email, sms, webhook  # noqa: F401

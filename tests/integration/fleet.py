@@ -137,6 +137,9 @@ above = 80.0
 clear = 78.0
 severity = "critical"
 notify = ["ops"]
+
+[alerting.routing]
+group_interval = "0s"  # every transition in its own mail, at once
 """
     return f"""
 [cloud]

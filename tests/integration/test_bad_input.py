@@ -138,17 +138,19 @@ def test_alert_mail_waits_out_an_smtp_outage_and_a_cloud_restart(
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
         _cloud_health(probe, lambda h: h["broker"] == "connected")
         mqtt_publish.single(topic, encode_record(_record("boiler-1", 1, 95.0)), qos=1, port=mosquitto.port)
-        health = _cloud_health(probe, lambda h: h["notification_failures"] >= 1)
-        assert health["alerts_fired"] == 1
-        assert health["outbox_pending"] == 1
+        health = _cloud_health(probe, lambda h: h["alerts"]["notification_failures"] >= 1)
+        assert health["alerts"]["fired_total"] == 1
+        assert health["alerts"]["outbox_pending"] == 1
     # The cloud restarts before the relay comes back: the notification is on disk.
     assert cloud.stop() == 0
     cloud.start()
     smtp_sink.start()
     (mail,) = smtp_sink.wait_for(1, timeout=20)
-    assert mail["Subject"] == "[FIRING critical] boiler-overheat: boiler-1 temperature = 95 degC > 80"
+    assert (
+        mail["Subject"] == f"[FIRING critical] boiler-overheat: {SITE}/{GATEWAY}/boiler-1 temperature = 95 degC (> 80)"
+    )
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
-        _cloud_health(probe, lambda h: h["outbox_pending"] == 0 and h["notifications_sent"] == 1)
+        _cloud_health(probe, lambda h: h["alerts"]["outbox_pending"] == 0 and h["alerts"]["notifications_sent"] == 1)
     assert cloud.stop() == 0
     assert len(smtp_sink.messages) == 1
 

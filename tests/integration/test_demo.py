@@ -33,5 +33,5 @@ def test_demo_summary_counts_every_record_and_the_alert_mail(tmp_path: Path) -> 
     assert summary["exit_codes"] == {"gateway": 0, "cloud": 0}
     mails = sorted(Path(summary["mail_folder"]).glob("*.eml"))
     first = message_from_bytes(mails[0].read_bytes(), policy=policy.default)
-    assert first["Subject"].startswith("[FIRING critical] boiler-overheat: boiler-1 temperature = ")
+    assert first["Subject"].startswith("[FIRING critical] boiler-overheat: demo-plant/gw-demo/boiler-1 temperature = ")
     assert "| stored " in result.stderr  # the live status line

@@ -118,16 +118,19 @@ def test_readings_reach_influxdb_dashboard_and_inbox(
 
     # The alert mail, then the clear mail, naming the device, the value and the threshold.
     firing, resolved = mails[0], mails[1]
-    assert firing["Subject"].startswith("[FIRING critical] boiler-overheat: boiler-1 temperature = ")
-    assert firing["Subject"].endswith("degC > 80")
+    where = f"{SITE}/{GATEWAY}/boiler-1"
+    assert firing["Subject"].startswith(f"[FIRING critical] boiler-overheat: {where} temperature = ")
+    assert firing["Subject"].endswith("degC (> 80)")
     body = firing.get_content()
     assert "Device:    boiler-1" in body
-    assert "Threshold: above 80 degC" in body
+    assert "Threshold: > 80 degC" in body
+    assert "Acknowledge: fieldlink-cloud alerts ack boiler-overheat:" in body
     fired_value = float(firing["Subject"].split(" = ")[1].split()[0])
     assert fired_value > 80
     assert f"Value:     {fired_value:g} degC" in body
-    assert resolved["Subject"].startswith("[RESOLVED] boiler-overheat: boiler-1 temperature = ")
-    assert resolved["Subject"].endswith("< 78 (clear level)")
+    assert resolved["Subject"].startswith(f"[RESOLVED critical] boiler-overheat: {where} temperature back to ")
+    assert " degC, resolved after " in resolved["Subject"]
+    assert "Lasted:" in resolved.get_content()
 
     # Dashboard topics: decoded JSON per record, and a retained latest value per device.
     stream = [json.loads(m.payload) for m in dashboard if m.topic == f"dash/{SITE}/{GATEWAY}/boiler-1/telemetry"]

@@ -6,6 +6,7 @@ import email
 import email.policy
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any, cast
@@ -20,6 +21,8 @@ class ReceivedMail:
     message: EmailMessage
     mail_from: str
     rcpt_tos: list[str]
+    # time.monotonic() when the server answered 250 to DATA: for latency measurements (bench.alerts).
+    accepted_at: float = 0.0
 
 
 class SmtpSink:
@@ -63,7 +66,7 @@ class SmtpSink:
             return self.fail_with
         # policy.default makes the parser build an EmailMessage; the stubs only say Message.
         message = cast(EmailMessage, email.message_from_bytes(envelope.content, policy=email.policy.default))
-        mail = ReceivedMail(message, envelope.mail_from, list(envelope.rcpt_tos))
+        mail = ReceivedMail(message, envelope.mail_from, list(envelope.rcpt_tos), time.monotonic())
         with self._changed:
             self._received.append(mail)
             self._changed.notify_all()
@@ -80,15 +83,18 @@ class SmtpSink:
         with self._changed:
             return [mail.message for mail in self._received]
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[EmailMessage]:
-        """Block until at least `count` messages were accepted; TimeoutError at the deadline."""
+    def wait_for(self, count: int | Callable[[list[EmailMessage]], bool], timeout: float = 10.0) -> list[EmailMessage]:
+        """Block until at least `count` messages were accepted (or the predicate holds on them);
+        TimeoutError at the deadline."""
         deadline = time.monotonic() + timeout
+        done = count if callable(count) else (lambda messages: len(messages) >= count)
         with self._changed:
-            while len(self._received) < count:
+            while not done([mail.message for mail in self._received]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    wanted = "the expected messages" if callable(count) else f"{count} messages"
                     raise TimeoutError(
-                        f"SMTP sink on port {self.port}: {len(self._received)} of {count} messages "
+                        f"SMTP sink on port {self.port}: {len(self._received)} messages, not {wanted}, "
                         f"after {timeout:.1f} s ({self.rejected} rejected by fail_with)"
                     )
                 self._changed.wait(remaining)

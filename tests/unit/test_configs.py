@@ -17,7 +17,7 @@ from gateway.sources.registry import source_kinds
 from tests.rig.programs import BIN
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SAMPLE_SECRETS = {"INFLUXDB_TOKEN": "t0ken", "SMTP_PASSWORD": "pa55"}
+SAMPLE_SECRETS = {"INFLUXDB_TOKEN": "t0ken", "SMTP_PASSWORD": "pa55", "TWILIO_TOKEN": "tw1l10"}
 
 
 def _loader(path: Path) -> Callable[[Path], Any]:
@@ -126,7 +126,7 @@ def test_broken_gateway_configs(tmp_path: Path, text: str, expected: list[str]) 
         ),
         (
             '[[rules]]\nname = "hot"\nmetric = "t"\nabove = 80\nclear = 85\nnotify = ["pager"]\n',
-            ["rules[0]: clear (85.0) must not be above 'above' (80.0)"],
+            ["rules[0].levels[0]: clear (85.0) must not be above 'above' (80.0)"],
         ),
         (
             '[[rules]]\nname = "hot"\nmetric = "t"\nabove = 80\nnotify = ["pager"]\n',

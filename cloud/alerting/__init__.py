@@ -1,0 +1,1 @@
+"""Alert rules, their lifecycle and routing, and the durable notification outbox (docs/alerting.md)."""
