@@ -37,9 +37,10 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -807,3 +808,25 @@ def paho_connect(client_id: str, port: int, deadline: float, window: int = 20, *
             raise BenchError(f"{client_id}: no CONNACK from port {port}")
         client.loop(timeout=0.05)
     return client
+
+
+@contextlib.contextmanager
+def temp_dir(keep: bool, prefix: str) -> Iterator[Path]:
+    """A temporary directory for a benchmark's servers, configs and logs; removed unless ``keep``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"fieldlink-bench-{prefix}-"))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            print(f"\n(kept {tmp})")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM stops a benchmark as Ctrl-C does: every server it started is stopped."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -55,14 +55,11 @@ import json
 import os
 import pstats
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +70,7 @@ from bench._common import (
     Mosquitto,
     ProcStats,
     free_port,
+    interrupt_on_sigterm,
     log_tail,
     median,
     mqtt_subscriber,
@@ -80,6 +78,7 @@ from bench._common import (
     port_accepts,
     spawn,
     stop_process,
+    temp_dir,
     wait_until,
 )
 
@@ -826,22 +825,6 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-@contextlib.contextmanager
-def temp_dir(keep: bool) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="fieldlink-bench-acq-"))
-    try:
-        yield tmp
-    finally:
-        if keep:
-            print(f"\n(kept {tmp})")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], allow_abbrev=False)
     parser.add_argument("--duration", type=float, default=60.0, help="fleet: seconds measured")
@@ -872,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ctrl-C and SIGTERM both end in the cleanup below (even if started with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     one, five, _ = os.getloadavg()
     print(
         f"Modbus acquisition; {os.cpu_count()} cores, load {one:.1f} / {five:.1f}; each device has {len(tags)} tags "
@@ -882,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes()
     fleet: FleetResult | None = None
     conn: ConnectionResult | None = None
-    with temp_dir(args.keep_temp) as tmp:
+    with temp_dir(args.keep_temp, "acq") as tmp:
         try:
             if args.only in (None, "fleet"):
                 print(

@@ -69,14 +69,12 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -87,11 +85,13 @@ from bench._common import (
     BenchError,
     Mosquitto,
     free_port,
+    interrupt_on_sigterm,
     log_tail,
     median,
     mqtt_subscriber,
     percentile,
     port_accepts,
+    temp_dir,
     wait_until,
 )
 from bench.acquisition import (
@@ -574,22 +574,6 @@ def report(args: argparse.Namespace, result: Result) -> float:
     return p99
 
 
-@contextlib.contextmanager
-def temp_dir(keep: bool) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="fieldlink-bench-alerts-"))
-    try:
-        yield tmp
-    finally:
-        if keep:
-            print(f"\n(kept {tmp})")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], allow_abbrev=False)
     parser.add_argument("--runs", type=int, default=200, help="crossings measured")
@@ -608,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ctrl-C and SIGTERM both end in the cleanup below (even if started with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     one, five, _ = os.getloadavg()
     print(
         f"Alert latency; {os.cpu_count()} cores, load {one:.1f} / {five:.1f}: {args.devices} simulated Modbus TCP "
@@ -617,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ABOVE:g}, clear {CLEAR:g}, email) -> aiosmtpd; {args.warm_up} warm-up + {args.runs} crossings"
     )
     procs = Processes()
-    with temp_dir(args.keep_temp) as tmp:
+    with temp_dir(args.keep_temp, "alerts") as tmp:
         try:
             result = run_bench(args, tmp, procs)
         except BenchError as exc:
