@@ -67,6 +67,10 @@ def reading(device: str, seq: int, value: float, ts: int | None = None) -> Recor
     return Record(SITE, GATEWAY, device, seq, now if ts is None else ts, {"temperature": Value.of(value, "degC")})
 
 
+def iso_ms(ts: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts // 1000)) + f".{ts % 1000:03d}Z"
+
+
 def cloud_health(probe: MqttProbe, predicate, timeout: float = 15) -> dict:
     def matching(messages):
         return [
@@ -298,3 +302,79 @@ def test_a_storm_of_500_alerts_is_rate_limited_into_one_summary(
     assert sum(s.startswith("[FIRING critical]") for s in subjects) == 5
     assert subjects[5] == "[SUMMARY] 495 alert notifications held back by the rate limit of ops (3 s)"
     assert len(smtp_sink.messages) == 6
+
+
+def test_each_rule_kind_through_the_running_cloud_to_a_webhook(
+    programs: Programs, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    with HttpRecorder() as hook:
+        body = f"""
+[[notifiers]]
+kind = "webhook"
+name = "hook"
+url = "{hook.url}/alerts"
+
+[[rules]]
+name = "hover"
+metric = "temperature"
+match = {{ device = "hover-*" }}
+above = 80.0
+clear = 75.0
+
+[[rules]]
+name = "lasting"
+metric = "temperature"
+match = {{ device = "slow-*" }}
+above = 80.0
+for = "10s"
+
+[[rules]]
+name = "climbing"
+kind = "rate"
+metric = "temperature"
+match = {{ device = "rate-*" }}
+per = "1s"
+above = 5.0
+
+[[rules]]
+name = "silent"
+kind = "deadman"
+match = {{ device = "quiet-*" }}
+silent_for = "1s"
+repeat_interval = "1h"
+
+[alerting.routing]
+receivers = ["hook"]
+group_interval = "0s"
+"""
+        cloud = programs.cloud(config(tmp_path, mosquitto, body)).start()
+        now = time.time_ns() // 1_000_000
+        with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
+            cloud_ready(probe)
+            # Hovering around 80 with a clear level of 75: one alert, not four.
+            hover = [81, 79, 82, 78, 81, 76, 80.5]
+            send(mosquitto, *[reading("hover-1", i + 1, v, now - 60_000 + i * 1000) for i, v in enumerate(hover)])
+            # Above 80 for 5 s only, then for 12 s: `for = "10s"` fires once, since the second rise.
+            slow = [(0, 85), (5, 85), (6, 70), (20, 85), (26, 86), (32, 87)]
+            send(mosquitto, *[reading("slow-1", i + 1, v, now - 60_000 + t * 1000) for i, (t, v) in enumerate(slow)])
+            # +10 per second: above 5 per second.
+            send(mosquitto, reading("rate-1", 1, 20.0, now - 2000), reading("rate-1", 2, 30.0, now - 1000))
+            # A device that falls silent: fires about a second later; data back resolves it.
+            send(mosquitto, reading("quiet-1", 1, 20.0))
+            cloud_health(probe, lambda h: h["alerts"]["notifications_sent"] >= 4, timeout=20)
+            send(mosquitto, reading("quiet-1", 2, 20.0))
+            cloud_health(probe, lambda h: h["alerts"]["notifications_sent"] >= 5, timeout=20)
+        assert cloud.stop() == 0
+    sent = [json.loads(r.body) for r in hook.requests]
+    seen = sorted((p["alerts"][0]["rule"], p["status"]) for p in sent)
+    assert seen == [
+        ("climbing", "firing"),
+        ("hover", "firing"),
+        ("lasting", "firing"),
+        ("silent", "firing"),
+        ("silent", "resolved"),
+    ]
+    by_rule = {p["alerts"][0]["rule"]: p["alerts"][0] for p in sent if p["status"] == "firing"}
+    assert by_rule["lasting"]["since"] == iso_ms(now - 40_000)  # the rise at 20 s, held 10 s
+    assert by_rule["climbing"]["value"] == 10.0
+    assert all(r.headers["Idempotency-Key"] == json.loads(r.body)["key"] for r in hook.requests)
