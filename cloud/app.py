@@ -150,6 +150,7 @@ class CloudApp:
             "rates": self._rates(c.records, c.records_stored),
             "records_rejected": c.records_rejected,
             "duplicates_dropped": self.pipeline.dedup.dropped_total,
+            "scanned_messages": c.scanned_messages,  # batches read by the fast path (docs/config-cloud.md)
             "bad_messages": c.bad_messages,
             "dead_letters": c.dead_letters,
             "store_failures": c.store_failures,

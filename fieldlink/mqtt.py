@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 Message = paho.MQTTMessage
+READ_BURST = 64  # packets read per readable event, at most
 
 
 class MqttError(Exception):
@@ -631,7 +632,14 @@ class MqttConnection:
         self._call_on_loop(register)
 
     def _readable(self, client: paho.Client, sock: Any) -> None:
-        client.loop_read()
+        # paho reads one packet per call. Read on while calls deliver messages (a few dozen at
+        # most, so writes and timers keep their turn): a loop iteration per packet made a
+        # backlog trickle into ``messages`` one by one, and consumers batch what they find there.
+        for _ in range(READ_BURST):
+            queued = self.messages.qsize()
+            client.loop_read()
+            if self._socket is not sock or self.messages.qsize() == queued:
+                break
         # TLS: OpenSSL may hold decrypted bytes the file descriptor no longer shows (a
         # broker that packs several MQTT packets into one record); paho's own loop checks
         # pending() for the same reason. Read on until they are consumed or the socket closed.

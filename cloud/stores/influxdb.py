@@ -1,26 +1,28 @@
-"""InfluxDB 2.x / 3.x / Cloud through the v2 write API: the only module importing influxdb-client."""
+"""InfluxDB 2.x / 3.x / Cloud through the v2 write API (``POST /api/v2/write``).
+
+The store writes line protocol itself (``influxdb_http.py``: the request influxdb-client
+sends, on the event loop instead of a thread) and formats lines with templates per record
+shape (``line_protocol.py``). ``prepare`` and ``write_prepared`` split the work so the ingest
+pipeline formats a round while the previous one is being written.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from influxdb_client import InfluxDBClient, WritePrecision
-from influxdb_client.client.write_api import SYNCHRONOUS
-from influxdb_client.rest import ApiException
 from pydantic import Field, SecretStr, field_validator
-from urllib3.exceptions import HTTPError
 
 from cloud.stores.base import StoreRejected, StoreUnavailable
-from cloud.stores.line_protocol import Identity, LineMapping, format_lines
+from cloud.stores.influxdb_http import WriteEndpoint, WriteFailed
+from cloud.stores.line_protocol import Identity, LineFormatter, LineMapping
 from cloud.stores.registry import register_store
 from fieldlink.configkit import Duration, Schema
-from fieldlink.wire import Record
+from fieldlink.wire import Record, ScannedRecord
 
 __all__ = ["InfluxDBConfig", "InfluxDBStore"]
 
@@ -29,12 +31,11 @@ log = logging.getLogger(__name__)
 
 # Answers that mean "this data is wrong": malformed line, field type conflict, too large.
 _BAD_DATA = frozenset({400, 413, 422})
-_PRECISION = {"s": WritePrecision.S, "ms": WritePrecision.MS, "us": WritePrecision.US, "ns": WritePrecision.NS}
 
 
 class InfluxDBConfig(Schema):
     kind: Literal["influxdb"]
-    url: str
+    url: str  # http:// or https://, with a path prefix if InfluxDB is behind one
     org: str = "fieldlink"
     bucket: str = "fieldlink"
     token: SecretStr = SecretStr("")
@@ -45,6 +46,18 @@ class InfluxDBConfig(Schema):
     precision: Literal["s", "ms", "us", "ns"] = "ms"
     batch_max_points: int = Field(default=5000, ge=1)  # lines per HTTP write
     timeout: Duration = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+        try:
+            parts.port  # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise ValueError(f"has an invalid port, got {url!r}") from None
+        return url
 
     @field_validator("tags")
     @classmethod
@@ -65,55 +78,66 @@ class InfluxDBStore:
 
     def __init__(self, config: InfluxDBConfig, _cloud_config: Any = None) -> None:
         self.config = config
-        self._client: InfluxDBClient | None = None
-        self._mapping = config.mapping
-        self._precision = _PRECISION[config.precision]
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="influxdb")
+        self._formatter = LineFormatter(config.mapping)
+        self._endpoint: WriteEndpoint | None = None
 
     async def open(self) -> None:
-        self._client = InfluxDBClient(
-            url=self.config.url,
-            token=self.config.token.get_secret_value(),
+        self._endpoint = WriteEndpoint(
+            self.config.url,
             org=self.config.org,
-            timeout=int(self.config.timeout * 1000),
+            bucket=self.config.bucket,
+            token=self.config.token.get_secret_value(),
+            precision=self.config.precision,
+            timeout=self.config.timeout,
         )
-        self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         log.info("influxdb store", extra={"url": self.config.url, "bucket": self.config.bucket})
 
-    async def write(self, records: Sequence[Record]) -> None:
-        mapping = self._mapping
-        lines = [line for r in records for line in format_lines(r, mapping)]
-        if lines:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._write_lines, lines)
+    def prepare(self, records: Sequence[Record | ScannedRecord]) -> list[str]:
+        """Per record, in order: its line protocol ('' for a record without a good value)."""
+        return self._formatter.lines(records)
 
-    def _write_lines(self, lines: list[str]) -> None:
+    async def write(self, records: Sequence[Record | ScannedRecord]) -> None:
+        await self.write_prepared(self._formatter.lines(records))
+
+    async def write_prepared(self, prepared: Sequence[str]) -> None:
+        """Write what ``prepare`` made: ``batch_max_points`` lines per request, one request at a time."""
         step = self.config.batch_max_points
-        for start in range(0, len(lines), step):
-            self._write_chunk(lines[start : start + step])
+        texts = [text for text in prepared if text]
+        if self.config.units != "tag":  # a line per record
+            chunks = [texts[start : start + step] for start in range(0, len(texts), step)]
+        else:  # a line per value: a record's lines stay in one request
+            chunks, chunk, lines = [], [], 0
+            for text in texts:
+                chunk.append(text)
+                lines += text.count("\n") + 1
+                if lines >= step:
+                    chunks.append(chunk)
+                    chunk, lines = [], 0
+            if chunk:
+                chunks.append(chunk)
+        for chunk in chunks:
+            await self._post("\n".join(chunk).encode())
 
-    def _write_chunk(self, lines: list[str]) -> None:
+    async def _post(self, body: bytes) -> None:
+        if self._endpoint is None:
+            raise StoreUnavailable("InfluxDB store is not open")
         try:
-            self._write_api.write(
-                bucket=self.config.bucket,
-                org=self.config.org,
-                record=lines,
-                write_precision=self._precision,
-            )
-        except ApiException as exc:
-            if exc.status in _BAD_DATA:
-                raise StoreRejected(f"InfluxDB refused the write ({exc.status}): {exc.body or exc.reason}") from None
-            # 401/403/404 (token, org, bucket) are configuration problems: keep the data and retry
-            # until an operator fixes them, as for 429 and 5xx.
-            retry_after = _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-            raise StoreUnavailable(f"InfluxDB answered {exc.status}: {exc.reason}", retry_after) from None
-        except (HTTPError, OSError) as exc:
+            answer = await self._endpoint.post(body)
+        except WriteFailed as exc:
             raise StoreUnavailable(f"InfluxDB unreachable: {exc}") from None
+        if 200 <= answer.status < 300:
+            return
+        if answer.status in _BAD_DATA:
+            raise StoreRejected(f"InfluxDB refused the write ({answer.status}): {answer.body or answer.reason}")
+        # 401/403/404 (token, org, bucket) are configuration problems: keep the data and retry
+        # until an operator fixes them, as for 429 and 5xx.
+        retry_after = _retry_after(answer.headers.get("retry-after"))
+        raise StoreUnavailable(f"InfluxDB answered {answer.status}: {answer.reason}", retry_after)
 
     async def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        self._thread.shutdown(wait=False)
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
 
 
 def _retry_after(header: str | None) -> float | None:

@@ -8,18 +8,33 @@ Escaping follows the InfluxDB line protocol reference: measurement names escape
 commas and spaces; tag keys, tag values and field keys escape commas, equals signs
 and spaces; string field values escape double quotes and backslashes. Values whose
 quality is not good are left out (the field is absent from that point).
+
+Records read by :class:`fieldlink.wire.BatchScanner` (the ingest hot path) carry their
+values without Value objects; :class:`LineFormatter` turns each record shape once into a
+``%`` template holding everything but the values and the timestamp, so a line costs one
+``%`` (tests/unit/test_wire_scan.py checks that both ways give the same lines).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-from fieldlink.wire import Quality, Record, Value, ValueType
+from fieldlink.wire import Quality, Record, RecordShape, ScannedRecord, Value, ValueType
 
-__all__ = ["LineMapping", "escape_key", "escape_measurement", "format_lines", "format_record"]
+__all__ = [
+    "LineFormatter",
+    "LineMapping",
+    "LineTemplate",
+    "escape_key",
+    "escape_measurement",
+    "format_lines",
+    "format_record",
+    "line_template",
+]
 
 _INT64_MAX = 2**63 - 1
 _MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n"})
@@ -134,3 +149,70 @@ def format_lines(record: Record, mapping: LineMapping) -> list[str]:
     if fields:
         lines.append(f"{head} {','.join(fields)} {ts}")
     return lines
+
+
+class LineTemplate(NamedTuple):
+    """A record shape's line as a ``%`` format: ``text % (*values, ts)``, with bools written true/false."""
+
+    text: str
+    bools: tuple[int, ...]  # positions of the bool values (``%s`` would write True/False)
+
+
+_SPECIFIER = {ValueType.FLOAT: "=%r", ValueType.INT: "=%di", ValueType.BOOL: "=%s"}
+
+
+def line_template(shape: RecordShape, mapping: LineMapping) -> LineTemplate | None:
+    """The template of a shape's points, or None when a record needs more than one ``%`` (see format_lines).
+
+    Units as tags write one point per value, other precisions scale the timestamp: those
+    records are formatted with :func:`format_lines`. A scanned record's values are all good,
+    finite and within int64 (the scanner leaves the rest to decode()), so no field is dropped.
+    """
+    if mapping.units == "tag" or mapping.precision != "ms":
+        return None
+    identity = {"site": shape.site, "gateway": shape.gateway, "device": shape.device}
+    tags = ",".join(f"{name}={escape_key(identity[name])}" for name in mapping.tags)
+    head = f"{mapping._measurement},{tags}" if tags else mapping._measurement
+    fields = []
+    for name, kind, unit in zip(shape.names, shape.types, shape.units, strict=True):
+        fields.append(escape_key(name).replace("%", "%%") + _SPECIFIER[kind])
+        if mapping.units == "field" and unit:
+            unit_text = unit.replace("\\", "\\\\").replace('"', '\\"')
+            fields.append(f'{escape_key(name + "_unit")}="{unit_text}"'.replace("%", "%%"))
+    bools = tuple(i for i, kind in enumerate(shape.types) if kind is ValueType.BOOL)
+    return LineTemplate(f"{head.replace('%', '%%')} {','.join(fields)} %d", bools)
+
+
+_NOT_YET = object()
+
+
+class LineFormatter:
+    """Lines for Records and ScannedRecords under one mapping; templates are kept on the shapes."""
+
+    def __init__(self, mapping: LineMapping) -> None:
+        self.mapping = mapping
+        self._key = object()  # this formatter's entry in RecordShape.formats
+
+    def lines(self, records: Sequence[Record | ScannedRecord]) -> list[str]:
+        """One entry per record, in order: its line; its lines joined by newlines (units as tags);
+        an empty string when it has no good value."""
+        mapping, key = self.mapping, self._key
+        out: list[str] = []
+        append = out.append
+        for record in records:
+            if type(record) is ScannedRecord:
+                shape, _, args = record
+                template: Any = shape.formats.get(key, _NOT_YET)
+                if template is _NOT_YET:
+                    template = shape.formats[key] = line_template(shape, mapping)
+                if template is not None:
+                    text, bools = template
+                    if bools:
+                        args = args.copy()  # shared with the rest of the pipeline
+                        for i in bools:
+                            args[i] = "true" if args[i] else "false"
+                    append(text % tuple(args))
+                    continue
+                record = record.record()  # noqa: PLW2901 (the same record, with Value objects)
+            append("\n".join(format_lines(record, mapping)))  # type: ignore[arg-type]
+        return out

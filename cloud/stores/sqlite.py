@@ -18,7 +18,7 @@ from cloud.stores.base import StoreRejected, StoreUnavailable
 from cloud.stores.registry import register_store
 from fieldlink.configkit import Schema
 from fieldlink.sqlite_file import SqliteFile
-from fieldlink.wire import Quality, Record
+from fieldlink.wire import Quality, Record, ScannedRecord, as_record
 
 __all__ = ["Point", "SqliteStore", "SqliteStoreConfig", "query_points"]
 
@@ -77,10 +77,10 @@ class SqliteStore:
     async def open(self) -> None:
         await self._file.open()
 
-    async def write(self, records: Sequence[Record]) -> None:
+    async def write(self, records: Sequence[Record | ScannedRecord]) -> None:
         rows = [
             (r.site, r.gateway, r.device, name, r.ts, _storable(v.value), v.type.value, v.unit, r.seq)
-            for r in records
+            for r in map(as_record, records)
             for name, v in r.values.items()
             if v.quality is Quality.GOOD and v.value is not None and _finite(v.value)
         ]

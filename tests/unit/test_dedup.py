@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cloud.dedup import Deduplicator
-from fieldlink.wire import Record, Value
+from fieldlink.wire import BatchScanner, Record, Value, decode, encode_batch
 
 
 def rec(seq: int, device: str = "boiler-1", *, gateway: str = "gw-1", site: str = "plant-1") -> Record:
@@ -88,3 +88,25 @@ def test_dropped_total_counts_every_drop() -> None:
     assert dedup.dropped_total == 4
     dedup.fresh([rec(2)])
     assert dedup.dropped_total == 5
+
+
+def test_scanned_records_share_the_series_of_records() -> None:
+    # The ingest hot path carries ScannedRecords (batch envelopes read from their bytes),
+    # the rest Records: a replay must be dropped whichever way either copy was read.
+    first = [rec(1), rec(2)]
+    payload = encode_batch("plant-1", "gw-1", first)
+    scanner = BatchScanner()
+    scanner.learn(payload, decode(payload))
+    scanned = scanner.scan(payload)
+    assert scanned is not None
+    again = scanned[2]
+    dedup = Deduplicator()
+    dedup.commit(first)
+    assert dedup.fresh(again) == []
+    dedup = Deduplicator()
+    dedup.commit(again)
+    assert seqs(dedup.fresh([rec(1), rec(2), rec(3)])) == [3]
+    assert [r.seq for r in dedup.fresh([*again, *again])] == []
+    assert dedup.dropped_total == 6
+    fresh = Deduplicator().fresh([again[0], rec(1), again[0]])
+    assert fresh == [again[0]]
