@@ -32,6 +32,7 @@ import json
 import math
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import socket
@@ -830,3 +831,22 @@ def interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str, check: Callable[[], None] | None = None) -> str:
+    """The next stdout line of a child; BenchError if it exits first or the timeout passes.
+    ``check`` runs every half second while waiting (to fail early when something else died)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BenchError(f"{what}: no answer within {timeout:.0f} s")
+        ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.5))
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                raise BenchError(f"{what}: exited with code {proc.wait()} without answering")
+            return line.decode().strip()
+        if check is not None:
+            check()

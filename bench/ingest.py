@@ -92,16 +92,13 @@ import argparse
 import contextlib
 import json
 import os
-import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,13 +108,16 @@ from bench._common import (
     BenchError,
     Mosquitto,
     ProcStats,
+    interrupt_on_sigterm,
     log_tail,
     median,
     mqtt_subscriber,
     paho_connect,
     percentile,
+    read_line,
     spawn,
     stop_process,
+    temp_dir,
     wait_until,
 )
 
@@ -686,24 +686,6 @@ def latencies(timeline: list[list[float]], reports: list[dict[str, Any]], after_
     return out
 
 
-def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str, check: Any = None) -> str:
-    """The next stdout line of a child; BenchError if it exits first or the timeout passes."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BenchError(f"{what}: no answer within {timeout:.0f} s")
-        ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.5))
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                raise BenchError(f"{what}: exited with code {proc.wait()} without answering")
-            return line.decode().strip()
-        if check is not None:
-            check()
-
-
 # --- reporting ----------------------------------------------------------------------------------
 
 
@@ -731,22 +713,6 @@ def print_raw_phase(phase: Phase) -> None:
         f"  {phase.label}: {phase.rate:,.0f} points/s ({phase.points:,} in {phase.seconds:.2f} s), "
         f"{phase.points_per_write:,.0f} points per write; CPU: {cpu_text(phase)}"
     )
-
-
-@contextlib.contextmanager
-def temp_dir(keep: bool) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="fieldlink-bench-ingest-"))
-    try:
-        yield tmp
-    finally:
-        if keep:
-            print(f"\n(kept {tmp})")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace, bench: Bench) -> float:
@@ -828,7 +794,7 @@ def run(args: argparse.Namespace, bench: Bench) -> float:
 
 def controller(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     one, five, _ = os.getloadavg()
     print(
         f"Cloud ingest; {os.cpu_count()} cores, load {one:.1f} / {five:.1f}; {args.gateways} gateways x "
@@ -836,7 +802,7 @@ def controller(args: argparse.Namespace) -> int:
         f"publisher window {args.window}; worker health every {1000 * args.health_interval:.0f} ms, dashboard "
         f"{'on' if args.dashboard else 'off'}"
     )
-    with temp_dir(args.keep_temp) as tmp:
+    with temp_dir(args.keep_temp, "ingest") as tmp:
         bench = Bench(args, tmp)
         try:
             ratio = run(args, bench)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -68,6 +67,7 @@ from bench._common import (
     paho_connect,
     percentile,
     port_accepts,
+    read_line,
     spawn,
     stop_process,
     wait_until,
@@ -289,22 +289,6 @@ class Workers:
     def stop_all(self) -> None:
         for proc in reversed(self.running[:]):
             self.stop(proc)
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> str:
-    """The next stdout line of a worker; BenchError if it exits first or the timeout passes."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BenchError(f"{what}: no answer within {timeout:.0f} s")
-        ready, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.5))
-        if ready:
-            line = proc.stdout.readline()
-            if not line:
-                raise BenchError(f"{what}: exited with code {proc.wait()} without answering")
-            return line.decode().strip()
 
 
 @dataclass(frozen=True, slots=True)
