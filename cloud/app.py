@@ -87,9 +87,12 @@ class CloudApp:
         self._started = time.monotonic()
         self.metrics = MetricsExporter(cloud_metrics)
         self._rate_mark = (self._started, 0, 0)
+        # Rates cover the time between two published reports; health() asked for `status` or at
+        # the stop shows the last ones rather than a split second's (noisy).
+        self._last_rates: dict[str, float] = {}
         # `fieldlink-cloud status` asks this socket for the health report. HOOK: a part with
         # more to show adds a section: self.status.add_section("alerting", callable returning a dict).
-        self.status = StatusServer(state_dir / CONTROL_SOCKET, self._status_report)
+        self.status = StatusServer(state_dir / CONTROL_SOCKET, self.health)
 
     async def _consume_forever(self) -> None:
         failures = 0
@@ -147,7 +150,7 @@ class CloudApp:
             "messages": c.messages,
             "records": c.records,
             "records_stored": c.records_stored,
-            "rates": self._rates(c.records, c.records_stored),
+            "rates": self._last_rates,
             "records_rejected": c.records_rejected,
             "duplicates_dropped": self.pipeline.dedup.dropped_total,
             "scanned_messages": c.scanned_messages,  # batches read by the fast path (docs/config-cloud.md)
@@ -169,18 +172,6 @@ class CloudApp:
             "alerts": self.alerts.health(),
         }
 
-    async def _status_report(self) -> dict[str, Any]:
-        """health() for `status`: fresh, except the rates, which are the last periodic report's.
-
-        Rates cover the time since the previous report: computed for a status question, they
-        would cover a moment (noisy) and shorten the window of the next published report.
-        """
-        mark = self._rate_mark
-        report = await self.health()
-        self._rate_mark = mark
-        report["rates"] = self.metrics.report.get("rates", report["rates"])
-        return report
-
     def _rates(self, records: int, stored: int) -> dict[str, float]:
         """Records per second decoded and stored since the previous report."""
         now = time.monotonic()
@@ -196,6 +187,8 @@ class CloudApp:
         topic = cloud_health_topic(self.config.cloud.name)
         while True:
             conn = self._conn
+            counters = self.pipeline.counters
+            self._last_rates = self._rates(counters.records, counters.records_stored)
             report = await self.health()
             self.metrics.report = report
             if conn is not None and conn.is_open:

@@ -130,9 +130,12 @@ class GatewayApp:
         self._local_inbox: asyncio.Queue[tuple[Topic, bytes]] = asyncio.Queue()
         self._started = time.monotonic()
         self._rate_mark = (self._started, 0, 0)
+        # Rates cover the time between two published reports; health() asked for `status` or at
+        # the stop shows the last ones rather than a split second's (noisy).
+        self._last_rates: dict[str, float] = {}
         self.drain_on_stop = True  # off for a config reload: the buffer is kept for the next app anyway
         self.metrics = MetricsExporter(gateway_metrics)
-        self.status = StatusServer(config.gateway.state_dir / CONTROL_SOCKET, self._status_report)
+        self.status = StatusServer(config.gateway.state_dir / CONTROL_SOCKET, self.health)
 
     # --- ReadingSink, called by the sources ----------------------------------------------
 
@@ -375,7 +378,7 @@ class GatewayApp:
             "records_buffered": self.records_buffered,
             "records_delivered": self.uplink.records_delivered,
             "messages_delivered": self.uplink.delivered_total,
-            "rates": self._rates(),
+            "rates": self._last_rates,
             "local_rejected": self.local_rejected_total,
             "local_overflow": self.local_overflow,
             "readings_dropped": self.readings_dropped,
@@ -408,18 +411,6 @@ class GatewayApp:
             "sources": {source.name: source.counters() for source in self.sources},
         }
 
-    async def _status_report(self) -> dict[str, Any]:
-        """health() for `status`: fresh, except the rates, which are the last periodic report's.
-
-        Rates cover the time since the previous report: computed for a status question, they
-        would cover a moment (noisy) and shorten the window of the next published report.
-        """
-        mark = self._rate_mark
-        report = await self.health()
-        self._rate_mark = mark
-        report["rates"] = self.metrics.report.get("rates", report["rates"])
-        return report
-
     def _rates(self) -> dict[str, float]:
         """Records per second into the buffer and out to the cloud since the last health report."""
         now = time.monotonic()
@@ -435,6 +426,7 @@ class GatewayApp:
     async def _health_loop(self) -> None:
         health_topic = topic(TopicKind.GATEWAY_HEALTH, self.site, self.gateway_id)
         while True:
+            self._last_rates = self._rates()
             report = await self.health()
             self.metrics.report = report
             payload = json.dumps(report, separators=(",", ":")).encode()

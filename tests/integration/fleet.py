@@ -116,10 +116,9 @@ reconnect_max = "500ms"
 """
 
 
-def cloud_toml(state_dir: Path, broker_url: str, store: str, smtp_port: int | None = None) -> str:
-    mail = ""
-    if smtp_port is not None:
-        mail = f"""
+def email_notifier(smtp_port: int) -> str:
+    """The `ops` mail receiver, pointing at an aiosmtpd sink."""
+    return f"""
 [[notifiers]]
 kind = "email"
 name = "ops"
@@ -128,7 +127,15 @@ port = {smtp_port}
 timeout = "2s"
 from = "fieldlink@test.invalid"
 to = ["ops@test.invalid"]
+"""
 
+
+def cloud_toml(state_dir: Path, broker_url: str, store: str, smtp_port: int | None = None) -> str:
+    mail = ""
+    if smtp_port is not None:
+        mail = (
+            email_notifier(smtp_port)
+            + """
 [[rules]]
 name = "boiler-overheat"
 metric = "temperature"
@@ -141,6 +148,7 @@ notify = ["ops"]
 [alerting.routing]
 group_interval = "0s"  # every transition in its own mail, at once
 """
+        )
     return f"""
 [cloud]
 name = "cloud-t"

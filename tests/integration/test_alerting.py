@@ -12,23 +12,21 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 
 from fieldlink.wire import Record, Value, encode_batch
-from tests.integration.fleet import GATEWAY, SITE, SQLITE_STORE, cloud_ready, gateway_toml, health_reports
+from tests.integration.fleet import (
+    GATEWAY,
+    SITE,
+    SQLITE_STORE,
+    cloud_ready,
+    email_notifier,
+    gateway_toml,
+    health_reports,
+)
 from tests.rig import Mosquitto, MqttProbe, SmtpSink, free_port
 from tests.rig.http_recorder import Answer, HttpRecorder
 from tests.rig.programs import BIN, Programs
 
 pytestmark = pytest.mark.slow
 
-MAIL = """
-[[notifiers]]
-kind = "email"
-name = "ops"
-host = "127.0.0.1"
-port = {smtp_port}
-timeout = "2s"
-from = "fieldlink@test.invalid"
-to = ["ops@test.invalid"]
-"""
 
 HOT = """
 [[rules]]
@@ -105,7 +103,7 @@ notify = ["ops"]
 [alerting.routing]
 group_interval = "0s"
 """
-    cloud = programs.cloud(config(tmp_path, mosquitto, MAIL.format(smtp_port=smtp_sink.port) + rules)).start()
+    cloud = programs.cloud(config(tmp_path, mosquitto, email_notifier(smtp_sink.port) + rules)).start()
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#", "dash/#"]) as probe:
         cloud_ready(probe)
         gateway_text = gateway_toml(tmp_path / "gw", free_port(), mosquitto.url, sources="")
@@ -142,7 +140,7 @@ notify = ["ops"]
 repeat_interval = "1s"
 group_interval = "0s"
 """
-    text = config(tmp_path, mosquitto, MAIL.format(smtp_port=smtp_sink.port) + HOT + routing)
+    text = config(tmp_path, mosquitto, email_notifier(smtp_sink.port) + HOT + routing)
     path = programs.config("cloud-ack", text)
     cloud = programs.program("cloud", "fieldlink-cloud", "run", "--config", str(path)).start()
     alert_id = f"hot:{SITE}:{GATEWAY}:boiler-1"
@@ -183,7 +181,7 @@ group_interval = "0s"
 def test_a_replayed_backlog_is_evaluated_at_its_own_time_and_never_fires_twice(
     programs: Programs, mosquitto: Mosquitto, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
-    text = config(tmp_path, mosquitto, MAIL.format(smtp_port=smtp_sink.port) + HOT + 'notify = ["ops"]\n')
+    text = config(tmp_path, mosquitto, email_notifier(smtp_sink.port) + HOT + 'notify = ["ops"]\n')
     cloud = programs.cloud(text).start()
     now = time.time_ns() // 1_000_000
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
@@ -225,7 +223,7 @@ def test_a_restart_neither_resends_nor_forgets_a_firing_alert(
     text = config(
         tmp_path,
         mosquitto,
-        MAIL.format(smtp_port=smtp_sink.port) + HOT + 'notify = ["ops"]\n[alerting.routing]\ngroup_interval = "0s"\n',
+        email_notifier(smtp_sink.port) + HOT + 'notify = ["ops"]\n[alerting.routing]\ngroup_interval = "0s"\n',
     )
     cloud = programs.cloud(text).start()
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
@@ -289,7 +287,7 @@ def test_a_storm_of_500_alerts_is_rate_limited_into_one_summary(
     programs: Programs, mosquitto: Mosquitto, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
     limit = 'rate_limit = { count = 5, per = "3s" }'
-    text = config(tmp_path, mosquitto, MAIL.format(smtp_port=smtp_sink.port) + HOT + 'notify = ["ops"]\n', limit)
+    text = config(tmp_path, mosquitto, email_notifier(smtp_sink.port) + HOT + 'notify = ["ops"]\n', limit)
     cloud = programs.cloud(text).start()
     with MqttProbe("127.0.0.1", mosquitto.port, ["fl-cloud/#"]) as probe:
         cloud_ready(probe)

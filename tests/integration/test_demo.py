@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -35,3 +36,4 @@ def test_demo_summary_counts_every_record_and_the_alert_mail(tmp_path: Path) -> 
     first = message_from_bytes(mails[0].read_bytes(), policy=policy.default)
     assert first["Subject"].startswith("[FIRING critical] boiler-overheat: demo-plant/gw-demo/boiler-1 temperature = ")
     assert "| stored " in result.stderr  # the live status line
+    assert re.search(r"^dashboard: http://127\.0\.0\.1:\d+/$", result.stderr, re.M)  # the live page's URL
